@@ -1,0 +1,20 @@
+"""The math core of fwp_fairseq: fast-weight recurrences in plain PyTorch (no fairseq import).
+
+    fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto")
+    fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto")
+    fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False)
+
+q, k: (B, H, T, Dk) already feature-mapped; v: (B, H, T, Dv); beta: (B, H, T);
+state: (B, H, Dk, Dv). Each returns (o, final_state); final_state is None unless asked for.
+"""
+from .dispatch import cuda_available, fast_weight_delta, fast_weight_sum
+from .noncausal import fast_weight_noncausal, fast_weight_read, fast_weight_state
+
+__all__ = [
+    "fast_weight_sum",
+    "fast_weight_delta",
+    "fast_weight_noncausal",
+    "fast_weight_state",
+    "fast_weight_read",
+    "cuda_available",
+]

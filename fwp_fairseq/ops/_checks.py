@@ -1,0 +1,57 @@
+"""Input validation shared by every op: one clear ValueError naming the argument."""
+import torch
+
+IMPLS = ("auto", "reference", "chunked", "cuda")
+
+
+def accumulation_dtype(dtype):
+    """The state accumulates in fp64 for fp64 inputs, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensor(name, x, ndim):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+
+
+def check_causal_inputs(q, k, v, beta=None, initial_state=None, impl="auto", with_beta=False):
+    """Check the shapes of q, k: (B, H, T, Dk), v: (B, H, T, Dv), beta: (B, H, T),
+    initial_state: (B, H, Dk, Dv). Returns (B, H, T, Dk, Dv)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    B, H, T, Dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected shape {tuple(q.shape)} (same as q), got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v: expected shape ({B}, {H}, {T}, Dv) (B, H, T as q), got {tuple(v.shape)}")
+    Dv = v.shape[-1]
+    if T == 0 or Dk == 0 or Dv == 0:
+        raise ValueError(f"q, v: empty time or feature dimension, shapes {tuple(q.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: expected dtype {q.dtype} (as q), got {k.dtype} and {v.dtype}")
+    tensors = [("k", k), ("v", v)]
+    if with_beta:
+        if beta is None:
+            raise ValueError("beta: the delta rule needs beta of shape (B, H, T)")
+        _tensor("beta", beta, 3)
+        if beta.shape != q.shape[:3]:
+            raise ValueError(f"beta: expected shape {(B, H, T)}, got {tuple(beta.shape)}")
+        tensors.append(("beta", beta))
+    if initial_state is not None:
+        _tensor("initial_state", initial_state, 4)
+        if initial_state.shape != (B, H, Dk, Dv):
+            raise ValueError(
+                f"initial_state: expected shape {(B, H, Dk, Dv)}, got {tuple(initial_state.shape)}")
+        tensors.append(("initial_state", initial_state))
+    for name, x in tensors:
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (as q), got {x.device}")
+    return B, H, T, Dk, Dv
