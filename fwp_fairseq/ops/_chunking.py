@@ -1,4 +1,8 @@
-"""Splitting (B, H, T, D) sequences into chunks of C steps, and back."""
+"""Splitting (B, H, T, D) sequences into chunks of C steps, and back.
+
+Chunks are laid out chunk-major, (N, B*H, C, D), so that the sequential loops over chunks
+read and write contiguous slices x[n] (a strided slice makes batched products fall back to
+one small product per batch element)."""
 import torch.nn.functional as F
 
 
@@ -8,17 +12,19 @@ def pick_chunk_size(T, preferred):
 
 
 def to_chunks(x, C):
-    """(B, H, T, ...) -> (B*H, N, C, ...), zero-padding T up to N*C.
+    """(B, H, T, ...) -> (N, B*H, C, ...), zero-padding T up to N*C.
 
-    Zero keys, values and queries are inert in both rules, so padding never changes a result."""
+    Zero keys, values, queries and betas are inert in both rules, so padding never changes a result."""
     B, H, T = x.shape[:3]
     pad = (-T) % C
     if pad:
         # F.pad pads trailing dims first: one (0, 0) pair per trailing feature dim, then time.
         x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-    return x.reshape(B * H, (T + pad) // C, C, *x.shape[3:])
+    x = x.reshape(B * H, (T + pad) // C, C, *x.shape[3:])
+    return x.transpose(0, 1).contiguous()
 
 
 def from_chunks(x, B, H, T):
-    """(B*H, N, C, D) -> (B, H, T, D), dropping the padding."""
-    return x.reshape(B, H, -1, x.shape[-1])[:, :, :T]
+    """(N, B*H, C, D) -> (B, H, T, D), dropping the padding."""
+    N, BH, C, D = x.shape
+    return x.transpose(0, 1).reshape(B, H, N * C, D)[:, :, :T]
