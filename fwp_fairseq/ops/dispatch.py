@@ -15,11 +15,13 @@ def cuda_available():
     return cuda_backend.available()
 
 
-def _resolve(impl, q):
+def _resolve(impl, q, v):
     if impl != "auto":
         return impl
     if q.is_cuda and cuda_available()[0]:
-        return "cuda"
+        from . import cuda_backend
+        if cuda_backend.supports(q, v)[0]:  # else (e.g. Dk > 512) fall back to chunked
+            return "cuda"
     if q.shape[2] == 1:
         return "reference"  # one decoding step: a single update, no chunking machinery
     return "chunked"
@@ -38,7 +40,7 @@ def _cuda_fn(name, q):
 def fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto"):
     """Sum rule: S_t = S_{t-1} + k_t v_t^T, o_t = S_t^T q_t. Returns (o, final_state or None)."""
     check_causal_inputs(q, k, v, initial_state=initial_state, impl=impl)
-    impl = _resolve(impl, q)
+    impl = _resolve(impl, q, v)
     if impl == "reference":
         return sum_rule_reference(q, k, v, initial_state, output_final_state)
     if impl == "chunked":
@@ -50,7 +52,7 @@ def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=Fals
     """Delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t.
     Returns (o, final_state or None)."""
     check_causal_inputs(q, k, v, beta, initial_state, impl=impl, with_beta=True)
-    impl = _resolve(impl, q)
+    impl = _resolve(impl, q, v)
     if impl == "reference":
         return delta_rule_reference(q, k, v, beta, initial_state, output_final_state)
     if impl == "chunked":

@@ -1,0 +1,116 @@
+// PyTorch binding: checks tensors and hands raw pointers to the C entry points in fwp_api.h.
+// Outputs are allocated by the caller (fwp_fairseq/ops/cuda_backend.py), so this file only
+// validates, picks the dtype code, and turns error text into exceptions.
+//
+// Only torch/extension.h is included (no torch CUDA headers), so `make cuda-check` can
+// syntax-check this file against a CPU-only torch; the caller passes the current CUDA stream as
+// an integer and makes q's device current.
+#include <torch/extension.h>
+
+#include <cstdint>
+
+#include "fwp_api.h"
+
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    case at::kDouble: return 3;
+    default: TORCH_CHECK(false, "fwp: unsupported dtype ", t.scalar_type());
+  }
+  return -1;
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check(const at::Tensor& t, const char* name, const at::Tensor& like, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fwp: ", name, " must be on ",
+              like.device());
+  TORCH_CHECK(t.is_contiguous(), "fwp: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, "fwp: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "fwp: ", name,
+              " must be 16-byte aligned");
+}
+
+const void* opt_ptr(const OptT& t, const char* name, const at::Tensor& like, at::ScalarType dt) {
+  if (!t.has_value()) return nullptr;
+  check(*t, name, like, dt);
+  return t->data_ptr();
+}
+
+void raise_on(const char* err) { TORCH_CHECK(err == nullptr, err ? err : ""); }
+
+// q, k: (BH, T, Dk); v, o: (BH, T, Dv). Fills o, ht and (if given) ckpt, err.
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& beta,
+             const OptT& h0, const at::Tensor& o, const at::Tensor& ht, const OptT& ckpt, const OptT& err,
+             int64_t ck_every, bool delta, int64_t stream) {
+  const auto acc = acc_type(q);
+  check(q, "q", q, q.scalar_type());
+  check(k, "k", q, q.scalar_type());
+  check(v, "v", q, q.scalar_type());
+  check(o, "o", q, q.scalar_type());
+  check(ht, "ht", q, acc);
+  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "fwp: q and v must be (BH, T, D)");
+  raise_on(fwp_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                       opt_ptr(beta, "beta", q, acc), opt_ptr(h0, "h0", q, acc), o.data_ptr(),
+                       ht.data_ptr(), const_cast<void*>(opt_ptr(ckpt, "ckpt", q, acc)),
+                       const_cast<void*>(opt_ptr(err, "err", q, acc)), q.size(0), q.size(1),
+                       static_cast<int>(q.size(2)), static_cast<int>(v.size(2)),
+                       static_cast<int>(ck_every), reinterpret_cast<void*>(stream)));
+}
+
+// Pass A: du (BH, T, Dv) and, if given, dh0.
+void state_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
+                const OptT& beta, const OptT& dht, const at::Tensor& du, const OptT& dh0, bool delta,
+                int64_t stream) {
+  const auto acc = acc_type(q);
+  check(q, "q", q, q.scalar_type());
+  check(k, "k", q, q.scalar_type());
+  check(dout, "dout", q, q.scalar_type());
+  check(du, "du", q, acc);
+  raise_on(fwp_state_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
+                          opt_ptr(beta, "beta", q, acc), opt_ptr(dht, "dht", q, acc),
+                          du.data_ptr(), const_cast<void*>(opt_ptr(dh0, "dh0", q, acc)),
+                          q.size(0), q.size(1), static_cast<int>(q.size(2)),
+                          static_cast<int>(dout.size(2)),
+                          reinterpret_cast<void*>(stream)));
+}
+
+// Pass B: dq and dk (BH, T, Dk).
+void qk_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
+             const at::Tensor& u, const OptT& da, const at::Tensor& ht, const OptT& dht,
+             const at::Tensor& ckpt, const at::Tensor& dq, const at::Tensor& dk, int64_t ck_every,
+             bool delta, int64_t stream) {
+  const auto acc = acc_type(q);
+  check(q, "q", q, q.scalar_type());
+  check(k, "k", q, q.scalar_type());
+  check(dout, "dout", q, q.scalar_type());
+  check(u, "u", q, acc);
+  check(ht, "ht", q, acc);
+  check(ckpt, "ckpt", q, acc);
+  check(dq, "dq", q, q.scalar_type());
+  check(dk, "dk", q, q.scalar_type());
+  raise_on(fwp_qk_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
+                       u.data_ptr(), opt_ptr(da, "da", q, acc), ht.data_ptr(),
+                       opt_ptr(dht, "dht", q, acc), ckpt.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                       q.size(0), q.size(1), static_cast<int>(q.size(2)),
+                       static_cast<int>(dout.size(2)), static_cast<int>(ck_every),
+                       reinterpret_cast<void*>(stream)));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fwp_fairseq CUDA recurrences for the sum and delta rules";
+  m.def("forward", &forward, "forward (fills o, ht, ckpt, err)");
+  m.def("state_grad", &state_grad, "backward pass A (fills du, dh0)");
+  m.def("qk_grad", &qk_grad, "backward pass B (fills dq, dk)");
+}

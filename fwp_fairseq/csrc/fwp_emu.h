@@ -1,0 +1,119 @@
+// CPU emulation of the few CUDA features the kernels use, for tests only (g++ -DFWP_EMU).
+//
+// Each CUDA thread of a block is a std::thread; blocks run one after another. __syncthreads is a
+// block barrier, __shfl_xor_sync a warp barrier around an exchange slot, cp.async a memcpy.
+// Shared memory starts as NaN bytes between guard bands, so a read of never-written shared memory
+// shows up as NaN in the results and a write outside it fails the launch.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __syncthreads() ::fwp_emu::syncthreads()
+
+namespace fwp_emu {
+
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+inline thread_local Dim3 tl_thread, tl_block;
+
+// Reusable barrier; a thread left waiting 20 s means a deadlock (a divergent barrier or shuffle).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const unsigned gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(20), [&] { return gen_ != gen; })) {
+      std::fprintf(stderr, "fwp_emu: barrier deadlock (divergent __syncthreads or shuffle)\n");
+      std::abort();
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  unsigned gen_ = 0;
+};
+
+struct Warp {
+  Barrier bar{32};
+  unsigned char slot[32][8];
+};
+
+constexpr size_t kGuard = 64;
+
+struct Block {
+  Block(int threads, size_t smem) : bar(threads), warps(threads / 32), mem(smem + 2 * kGuard) {
+    std::memset(mem.data(), 0xA5, kGuard);
+    std::memset(mem.data() + kGuard, 0xFF, smem);  // all-ones bytes are NaN in fp32 and fp64
+    std::memset(mem.data() + kGuard + smem, 0xA5, kGuard);
+  }
+  bool guards_intact() const {
+    for (size_t i = 0; i < kGuard; ++i)
+      if (mem[i] != 0xA5 || mem[mem.size() - 1 - i] != 0xA5) return false;
+    return true;
+  }
+  Barrier bar;
+  std::vector<Warp> warps;
+  std::vector<unsigned char> mem;
+};
+
+inline thread_local Block* tl_blk = nullptr;
+
+inline unsigned char* shared_memory() { return tl_blk->mem.data() + kGuard; }
+inline void syncthreads() { tl_blk->bar.wait(); }
+
+template <typename T>
+T shfl_xor(T v, int off) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  const int lane = tl_thread.x % 32;
+  Warp& w = tl_blk->warps[tl_thread.x / 32];
+  std::memcpy(w.slot[lane], &v, sizeof(T));
+  w.bar.wait();
+  T r;
+  std::memcpy(&r, w.slot[lane ^ off], sizeof(T));
+  w.bar.wait();  // nobody overwrites a slot before every lane has read it
+  return r;
+}
+
+template <typename F>
+void launch(long long grid, int threads, size_t smem, F&& body) {
+  for (long long b = 0; b < grid; ++b) {
+    auto blk = std::make_unique<Block>(threads, smem);
+    std::vector<std::thread> ts;
+    ts.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        tl_thread.x = t;
+        tl_block.x = static_cast<unsigned>(b);
+        tl_blk = blk.get();
+        body();
+      });
+    }
+    for (auto& t : ts) t.join();
+    if (!blk->guards_intact()) throw std::runtime_error("fwp_emu: shared-memory write out of bounds");
+  }
+}
+
+}  // namespace fwp_emu
+
+#define threadIdx (::fwp_emu::tl_thread)
+#define blockIdx (::fwp_emu::tl_block)

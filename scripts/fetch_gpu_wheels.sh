@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Download to .whl/ the wheels the lent H200 lacks (cp312, manylinux x86_64; it has no network):
+# flash-linear-attention and fla-core for the GPU benchmark's baselines. torch, triton, einops,
+# numpy and pytest are already on that machine; the GPU tests import only fwp_fairseq.ops, so no
+# fairseq is needed. Run here, from the repo root; .whl/ is git-ignored.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+FLA_VERSION=${FLA_VERSION:-}   # empty: the newest release
+mkdir -p .whl
+plat=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+         manylinux1_x86_64 any; do plat+=(--platform "$p"); done
+get() {
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${plat[@]}" -d .whl "$@"
+}
+if [ -n "$FLA_VERSION" ]; then
+  get "flash-linear-attention==$FLA_VERSION" "fla-core==$FLA_VERSION"
+else
+  get flash-linear-attention fla-core
+fi
+# Print what the wheels require, so a missing dependency is visible here rather than there.
+for w in .whl/*.whl; do
+  echo "$(basename "$w"):"
+  unzip -p "$w" '*.dist-info/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/  /' || true
+done

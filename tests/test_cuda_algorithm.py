@@ -1,0 +1,205 @@
+"""The CUDA kernels' own source, run on the CPU through fwp_fairseq/csrc/fwp_emu.h.
+
+g++ -DFWP_EMU compiles the .cu files with every CUDA thread as a CPU thread (barriers, shuffles,
+NaN-filled shared memory with guard bands), and cuda_backend's autograd code drives it through
+ctypes exactly as it drives the real extension. This checks the tiling, the chunk staging, the
+checkpointed backward and the padding against the reference, without a GPU. fp32 and fp64 only
+(the emulator has no half types)."""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fwp_fairseq.ops import cuda_backend
+from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
+from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
+HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_emu.h")
+CODES = {torch.float32: 0, torch.float64: 3}
+
+
+def _build_emulator():
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the kernel emulator")
+    files = [os.path.join(cuda_backend.CSRC, f) for f in KERNELS + HEADERS]
+    digest = hashlib.sha1(b"".join(open(f, "rb").read() for f in files)).hexdigest()[:12]
+    out_dir = os.path.join(ROOT, "build", "emu", digest)
+    lib = os.path.join(out_dir, "libfwp_emu.so")
+    if not os.path.exists(lib):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = lib + f".{os.getpid()}.tmp"
+        cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-DFWP_EMU",
+               "-Wno-unknown-pragmas", "-x", "c++", *files[:len(KERNELS)], "-o", tmp]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)
+
+
+class Emulator:
+    """The extension's three functions (binding.cpp), over ctypes, for CPU tensors."""
+
+    def __init__(self, lib):
+        P, L, I = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+        self.lib = lib
+        for name, args in (
+            ("fwp_forward", [I, I] + [P] * 9 + [L, L, I, I, I, P]),
+            ("fwp_state_grad", [I, I] + [P] * 7 + [L, L, I, I, P]),
+            ("fwp_qk_grad", [I, I] + [P] * 10 + [L, L, I, I, I, P]),
+        ):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_char_p
+
+    @staticmethod
+    def _p(t):
+        if t is None:
+            return None
+        assert t.is_contiguous() and t.data_ptr() % 16 == 0
+        return t.data_ptr()
+
+    @staticmethod
+    def _check(err):
+        if err is not None:
+            raise RuntimeError(err.decode())
+
+    def forward(self, q, k, v, beta, h0, o, ht, ckpt, err, ck_every, delta, stream):
+        p = self._p
+        self._check(self.lib.fwp_forward(CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta),
+                                         p(h0), p(o), p(ht), p(ckpt), p(err), q.shape[0],
+                                         q.shape[1], q.shape[2], v.shape[2], ck_every, None))
+
+    def state_grad(self, q, k, dout, beta, dht, du, dh0, delta, stream):
+        p = self._p
+        self._check(self.lib.fwp_state_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout),
+                                            p(beta), p(dht), p(du), p(dh0), q.shape[0],
+                                            q.shape[1], q.shape[2], dout.shape[2], None))
+
+    def qk_grad(self, q, k, dout, u, da, ht, dht, ckpt, dq, dk, ck_every, delta, stream):
+        p = self._p
+        self._check(self.lib.fwp_qk_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout), p(u),
+                                         p(da), p(ht), p(dht), p(ckpt), p(dq), p(dk),
+                                         q.shape[0], q.shape[1], q.shape[2], dout.shape[2],
+                                         ck_every, None))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emulator(_build_emulator())
+
+
+@pytest.fixture
+def short_checkpoints(monkeypatch):
+    # Small T must still cross several checkpoints; 16 divides every fp32/fp64 chunk used here.
+    monkeypatch.setattr(cuda_backend, "CK_EVERY", 16)
+
+
+def _inputs(B, H, T, Dk, Dv, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Sum-normalised positive features, as the models feed them: the delta rule stays stable.
+    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+    return [x.to(dtype) for x in (q, k, v, beta, h0)]
+
+
+def _run(fn, inputs, delta, with_h0=True):
+    """Outputs and the gradients of a fixed random loss on (o, final state)."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    q, k, v, beta, h0 = xs
+    h0 = h0 if with_h0 else None
+    o, ht = fn(q, k, v, beta, h0) if delta else fn(q, k, v, h0)
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
+    ((o * wo).sum() + (ht * wh).sum()).backward()
+    names = ["q", "k", "v", "beta", "h0"]
+    grads = {n: x.grad for n, x in zip(names, xs) if x.grad is not None}
+    return o.detach(), ht.detach(), grads
+
+
+def _emu_fn(emu, delta):
+    if delta:
+        return lambda q, k, v, b, h0: cuda_backend._apply(emu, q, k, v, b, h0, True, True)
+    return lambda q, k, v, h0: cuda_backend._apply(emu, q, k, v, None, h0, True, False)
+
+
+def _ref_fn(delta):
+    if delta:
+        return lambda q, k, v, b, h0: delta_rule_reference(q, k, v, b, h0, True)
+    return lambda q, k, v, h0: sum_rule_reference(q, k, v, h0, True)
+
+
+def _close(a, b, tol):
+    scale = b.abs().max().clamp_min(1e-12)
+    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
+
+
+# (B, H, T, Dk, Dv): chunk tails, partial value tiles, Python-side padding, T = 1, the 256/512
+# key tiles and the 128/256 value tiles of the q/k gradient pass.
+SHAPES = [
+    (1, 2, 37, 16, 24),
+    (2, 1, 1, 8, 8),
+    (1, 1, 21, 12, 10),
+    (1, 1, 9, 136, 72),
+    (1, 1, 5, 512, 136),
+]
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, delta):
+    inputs = _inputs(*shape, torch.float64)
+    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta)
+    o_r, ht_r, grads_r = _run(_ref_fn(delta), inputs, delta)
+    _close(o, o_r, 1e-10)
+    _close(ht, ht_r, 1e-10)
+    assert grads.keys() == grads_r.keys()
+    for name in grads_r:
+        _close(grads[name], grads_r[name], 1e-9)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delta):
+    inputs = _inputs(1, 1, 40, 64, 32, torch.float32, seed=3)
+    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0=False)
+    ref_inputs = [x.double() for x in inputs]
+    o_r, ht_r, grads_r = _run(_ref_fn(delta), ref_inputs, delta, with_h0=False)
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32
+    _close(o, o_r, 1e-5)
+    _close(ht, ht_r, 1e-5)
+    for name in grads_r:
+        _close(grads[name], grads_r[name], 1e-5)
+
+
+def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints):
+    inputs = _inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
+    a = _run(_emu_fn(emu, True), inputs, True)
+    b = _run(_emu_fn(emu, True), inputs, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name])
+
+
+def test_emulated_forward_without_grad_stores_nothing(emu):
+    q, k, v, beta, h0 = _inputs(1, 1, 7, 8, 8, torch.float32)
+    with torch.no_grad():
+        o, ht = cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
+    assert ht is None
+    _close(o, delta_rule_reference(q.double(), k.double(), v.double(), beta.double(),
+                                   h0.double())[0], 1e-5)
+
+
+def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "CK_EVERY", 12)
+    q, k, v, beta, h0 = _inputs(1, 1, 7, 8, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="ck_every"):
+        cuda_backend._apply(emu, q, k, v, beta, h0, False, True)

@@ -1,0 +1,203 @@
+"""impl="cuda" against the reference on a GPU, and its clear errors where there is none.
+
+The GPU tests skip (with the reason from cuda_available()) on machines without a usable CUDA
+device; scripts/gpu_check.sh runs them on one."""
+import pytest
+import torch
+
+from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
+
+
+def _inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Sum-normalised positive features, as the models feed them.
+    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
+
+
+def _call(delta, impl, q, k, v, beta, h0, final=True):
+    if delta:
+        return fast_weight_delta(q, k, v, beta, h0, output_final_state=final, impl=impl)
+    return fast_weight_sum(q, k, v, h0, output_final_state=final, impl=impl)
+
+
+def _run(delta, impl, inputs, state_dtype=None):
+    """Outputs and gradients of a fixed random loss on (o, final state)."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o, ht = _call(delta, impl, *xs)
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
+    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
+    ((o * wo).sum() + (ht * wh).sum()).backward()
+    grads = [x.grad for x in (xs if delta else xs[:3] + xs[4:])]
+    return [o.detach(), ht.detach()] + grads
+
+
+def _rel_max(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return (((a - b) ** 2).mean().sqrt() / (b ** 2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+NAMES = ["o", "final", "dq", "dk", "dv", "dbeta", "dh0"]
+
+
+def _names(delta):
+    return NAMES if delta else [n for n in NAMES if n != "dbeta"]
+
+
+# ---------------------------------------------------------------- CPU side (runs everywhere)
+
+def test_available_never_raises_and_gives_a_reason():
+    ok, why = cuda_available()
+    assert isinstance(ok, bool) and isinstance(why, str) and why
+    if not torch.cuda.is_available():
+        assert not ok and ("CUDA" in why or "cuda" in why)
+    assert cuda_available() == (ok, why)  # cached
+
+
+def test_impl_cuda_on_cpu_tensors_raises_clearly():
+    q, k, v, beta, h0 = _inputs(1, 1, 4, 8, 8)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        fast_weight_delta(q, k, v, beta, impl="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        fast_weight_sum(q, k, v, impl="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_backend.delta_rule_cuda(q, k, v, beta)
+
+
+def test_auto_on_cpu_does_not_need_cuda():
+    q, k, v, beta, h0 = _inputs(1, 1, 4, 8, 8)
+    o, _ = fast_weight_delta(q, k, v, beta, impl="auto")
+    assert o.shape == v.shape
+
+
+def test_supported_shapes_and_dtypes():
+    q = torch.zeros(1, 1, 2, 512)
+    assert cuda_backend.supports(q, torch.zeros(1, 1, 2, 256))[0]
+    ok, why = cuda_backend.supports(torch.zeros(1, 1, 2, 513), torch.zeros(1, 1, 2, 8))
+    assert not ok and "512" in why
+    ok, why = cuda_backend.supports(q, torch.zeros(1, 1, 2, 257))
+    assert not ok and "256" in why
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.fixture(scope="module")
+def cuda():
+    ok, why = cuda_available()
+    if not ok:
+        pytest.skip(f"impl='cuda' unavailable: {why}")
+    return torch.device("cuda")
+
+
+# (B, H, T, Dk, Dv): odd T, Dk != Dv both ways, padding (Dk, Dv not multiples of 8), the largest
+# key and value dims, several checkpoint segments (T > 128), and a partial last chunk.
+SHAPES = [
+    (2, 3, 63, 64, 64),
+    (1, 2, 1000, 32, 48),
+    (1, 1, 1, 16, 16),
+    (2, 1, 300, 100, 36),
+    (1, 2, 150, 512, 64),
+    (1, 1, 130, 64, 256),
+    (1, 2, 257, 128, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_fp64_reference(cuda, shape, delta):
+    inputs = _inputs(*shape, dtype=torch.float32, device=cuda)
+    got = _run(delta, "cuda", inputs)
+    want = _run(delta, "reference", [x.double() for x in inputs])
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_max(a, b) < 1e-5, (name, _rel_max(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("shape", [(1, 2, 300, 24, 40), (1, 1, 70, 512, 256)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fp64_matches_reference(cuda, shape, delta):
+    inputs = _inputs(*shape, dtype=torch.float64, device=cuda)
+    got = _run(delta, "cuda", inputs)
+    want = _run(delta, "reference", inputs)
+    assert got[1].dtype == torch.float64
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_max(a, b) < 1e-10, (name, _rel_max(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_half_precision_long_sequence(cuda, dtype, delta):
+    inputs = _inputs(1, 2, 4096, 64, 64, dtype=dtype, device=cuda, seed=2)
+    got = _run(delta, "cuda", inputs)
+    want = _run(delta, "chunked", [x.float() for x in inputs])  # fp32 on the same rounded inputs
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_rms(a, b) < 0.005, (name, _rel_rms(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_state_carry_equals_one_pass(cuda, delta):
+    q, k, v, beta, h0 = _inputs(2, 2, 200, 64, 32, device=cuda, seed=4)
+    o, ht = _call(delta, "cuda", q, k, v, beta, h0)
+    cut = 77
+    o1, h1 = _call(delta, "cuda", q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], beta[:, :, :cut], h0)
+    o2, h2 = _call(delta, "cuda", q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], beta[:, :, cut:], h1)
+    assert _rel_max(torch.cat([o1, o2], 2), o) < 1e-5
+    assert _rel_max(h2, ht) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reruns_are_bit_identical(cuda, dtype):
+    inputs = _inputs(2, 4, 700, 128, 64, dtype=dtype, device=cuda, seed=6)
+    for delta in (True, False):
+        a = _run(delta, "cuda", inputs)
+        b = _run(delta, "cuda", inputs)
+        for name, x, y in zip(_names(delta), a, b):
+            assert torch.equal(x, y), name
+
+
+@pytest.mark.gpu
+def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
+    q, k, v, beta, h0 = _inputs(2, 3, 50, 32, 32, device=cuda)
+    o_cuda, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
+    o_auto, _ = fast_weight_delta(q, k, v, beta, h0, impl="auto")
+    assert _rel_max(o_auto, o_cuda) < 1e-5
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    o_nc, _ = fast_weight_delta(qt, k, v, beta, h0, impl="cuda")
+    assert torch.equal(o_nc, o_cuda)
+
+
+@pytest.mark.gpu
+def test_gradient_only_to_some_inputs(cuda):
+    q, k, v, beta, h0 = _inputs(1, 2, 40, 16, 16, device=cuda)
+    v.requires_grad_(True)
+    o, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
+    o.sum().backward()
+    v_ref = v.detach().double().requires_grad_(True)
+    o_ref, _ = fast_weight_delta(q.double(), k.double(), v_ref, beta.double(), h0.double(),
+                                 impl="reference")
+    o_ref.sum().backward()
+    assert _rel_max(v.grad, v_ref.grad) < 1e-5
+
+
+@pytest.mark.gpu
+def test_too_large_dims_raise(cuda):
+    q, k, v, beta, _ = _inputs(1, 1, 4, 520, 8, device=cuda)
+    with pytest.raises(ValueError, match="512"):
+        fast_weight_delta(q, k, v, beta, impl="cuda")
