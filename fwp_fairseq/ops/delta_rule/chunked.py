@@ -20,61 +20,69 @@ from .._chunking import from_chunks, pick_chunk_size, to_chunks
 CHUNK = 64
 
 
+def _bmm(a, b):
+    """Batched product over the leading (N, BH) dims, through 3-d views (no copies)."""
+    return torch.bmm(a.flatten(0, 1), b.flatten(0, 1)).view(*a.shape[:-1], b.shape[-1])
+
+
+def _acc(out, a, b, alpha=1.0):
+    """out += alpha * a @ b in place, batched over the leading (N, BH) dims."""
+    out.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
+    return out
+
+
 def _forward_chunks(Q, K, V, Bt, S0):
     """All tensors (N, BH, C, D) in the accumulation dtype; S0 (BH, Dk, Dv).
     Returns O, the final state, and what the backward reuses."""
     N, BH, C, Dk = K.shape
+    Dv = V.shape[-1]
     Kt = K.transpose(-1, -2)
-    Kb, Vb = K * Bt, V * Bt
-    A = (Kb @ Kt).tril_(-1)
+    KVb = K.new_empty(N, BH, C, Dk + Dv)  # [diag(beta) K, diag(beta) V], written in place
+    Kb = torch.mul(K, Bt, out=KVb[..., :Dk])
+    torch.mul(V, Bt, out=KVb[..., Dk:])
+    A = _bmm(Kb, Kt).tril_(-1)
     eye = torch.eye(C, dtype=K.dtype, device=K.device)
     Tinv = torch.linalg.solve_triangular(A.add_(eye), eye.expand_as(A), upper=False, unitriangular=True)
-    WUt = Tinv @ torch.cat([Kb, Vb], dim=-1)  # W and Ut in one product
-    W, Ut = WUt[..., :Dk], WUt[..., Dk:]
-    states = K.new_empty(N, BH, Dk, V.shape[-1])
-    U = torch.empty_like(Ut)
-    S = S0
+    WUt = _bmm(Tinv, KVb)  # W and Ut in one product
+    W, U = WUt[..., :Dk], WUt[..., Dk:]  # U starts as Ut and becomes Ut - W S in the loop
+    states = K.new_empty(N + 1, BH, Dk, Dv)  # states[n]: before chunk n; states[N]: final
+    states[0] = S0
     for n in range(N):
-        states[n] = S
-        torch.baddbmm(Ut[n], W[n], S, beta=1.0, alpha=-1.0, out=U[n])
-        S = torch.baddbmm(S, Kt[n], U[n])
-    P = (Q @ Kt).tril_()
-    O = torch.matmul(Q, states).add_(P @ U)
-    return O, S, (Kb, Tinv, W, Ut, U, P, states)
+        U[n].baddbmm_(W[n], states[n], alpha=-1.0)
+        torch.baddbmm(states[n], Kt[n], U[n], out=states[n + 1])
+    P = _bmm(Q, Kt).tril_()
+    O = _acc(_bmm(Q, states[:N]), P, U)
+    return O, states[N], (Kb, Tinv, W, U, P, states)
 
 
 def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final):
-    Kb, Tinv, W, Ut, U, P, states = saved
+    Kb, Tinv, W, U, P, states = saved
     N, BH, C, Dk = K.shape
-    Kt = K.transpose(-1, -2)
-    G = P.transpose(-1, -2) @ dO  # dO's contribution to dU through the intra-chunk product
-    R = Q.transpose(-1, -2) @ dO  # dO's contribution to dS through the inter-chunk read
-    dU = torch.empty_like(U)
-    dS_after = torch.empty_like(states)  # gradient w.r.t. the state after each chunk
-    dS = dS_final
+    S = states[:N]
+    # grads[n + 1]: gradient w.r.t. the state after chunk n; grads[0]: w.r.t. the initial state.
+    grads = torch.empty_like(states)
+    grads[N] = dS_final
+    G = _bmm(P.transpose(-1, -2), dO)  # dO's path to dU through the intra-chunk product
+    R = _bmm(Q.transpose(-1, -2), dO)  # dO's path to the state read by each chunk
+    dU = G  # filled in place: dU[n] = G[n] + K[n] grads[n + 1]
     for n in range(N - 1, -1, -1):
-        dS_after[n] = dS
-        torch.baddbmm(G[n], K[n], dS, out=dU[n])
-        dS = torch.baddbmm(dS + R[n], W[n].transpose(-1, -2), dU[n], alpha=-1.0)
-    dS0 = dS
-    states_t = states.transpose(-1, -2)
-    dP = (dO @ U.transpose(-1, -2)).tril_()
-    dQ = torch.matmul(dO, states_t).add_(dP @ K)
-    dK = (U @ dS_after.transpose(-1, -2)).add_(dP.transpose(-1, -2) @ Q)
-    dW = -(dU @ states_t)
-    # Through [W, Ut] = Tinv [Kb, Vb] with Tinv = (I + A)^-1, d(Tinv) = -Tinv dA Tinv gives
-    # dA = -([dKb, dVb] [W, Ut]^T) where [dKb, dVb] = Tinv^T [dW, dU]: two products in all.
-    dKbVb = Tinv.transpose(-1, -2) @ torch.cat([dW, dU], dim=-1)
-    dKb, dVb = dKbVb[..., :Dk], dKbVb[..., Dk:]
-    dA = (dKbVb @ torch.cat([W, Ut], dim=-1).transpose(-1, -2)).neg_().tril_(-1)
-    # A = strictly-lower(Kb K^T)
-    dKb.add_(dA @ K)
-    dK.add_(dA.transpose(-1, -2) @ Kb)
-    # Kb = K beta, Vb = V beta
-    dK.add_(dKb * Bt)
+        dU[n].baddbmm_(K[n], grads[n + 1])
+        torch.add(grads[n + 1], R[n], out=grads[n])
+        grads[n].baddbmm_(W[n].transpose(-1, -2), dU[n], alpha=-1.0)
+    dP = _bmm(dO, U.transpose(-1, -2)).tril_()
+    dQ = _acc(_bmm(dO, S.transpose(-1, -2)), dP, K)
+    dK = _acc(_bmm(U, grads[1:].transpose(-1, -2)), dP.transpose(-1, -2), Q)
+    # Through [W, Ut] = Tinv [Kb, Vb] and U = Ut - W S: dVb = Tinv^T dU, dKb = -dVb S^T, and
+    # d(Tinv) = -Tinv dA Tinv collapses to dA = -strictly_lower(dVb U^T).
+    dVb = _bmm(Tinv.transpose(-1, -2), dU)
+    dKb = _bmm(dVb, S.transpose(-1, -2)).neg_()
+    dA = _bmm(dVb, U.transpose(-1, -2)).neg_().tril_(-1)
+    _acc(dKb, dA, K)  # A = strictly_lower(Kb K^T)
+    _acc(dK, dA.transpose(-1, -2), Kb)
+    dK.addcmul_(dKb, Bt)  # Kb = K beta, Vb = V beta
     dV = dVb * Bt
-    dBt = (dKb * K).sum(-1, keepdim=True) + (dVb * V).sum(-1, keepdim=True)
-    return dQ, dK, dV, dBt, dS0
+    dBt = (dKb * K).sum(-1, keepdim=True).add_((dVb * V).sum(-1, keepdim=True))
+    return dQ, dK, dV, dBt, grads[0]
 
 
 class _DeltaChunked(torch.autograd.Function):
