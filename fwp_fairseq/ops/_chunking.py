@@ -3,6 +3,7 @@
 Chunks are laid out chunk-major, (N, B*H, C, D), so that the sequential loops over chunks
 read and write contiguous slices x[n] (a strided slice makes batched products fall back to
 one small product per batch element)."""
+import torch
 import torch.nn.functional as F
 
 
@@ -28,3 +29,14 @@ def from_chunks(x, B, H, T):
     """(N, B*H, C, D) -> (B, H, T, D), dropping the padding."""
     N, BH, C, D = x.shape
     return x.transpose(0, 1).reshape(B, H, N * C, D)[:, :, :T]
+
+
+def bmm(a, b):
+    """Batched product over the leading (N, BH) dims, through 3-d views (no copies)."""
+    return torch.bmm(a.flatten(0, 1), b.flatten(0, 1)).view(*a.shape[:-1], b.shape[-1])
+
+
+def acc_bmm(out, a, b, alpha=1.0):
+    """out += alpha * a @ b in place, batched over the leading (N, BH) dims."""
+    out.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
+    return out

@@ -15,20 +15,9 @@ so autograd never records the per-chunk loop."""
 import torch
 
 from .._checks import accumulation_dtype
-from .._chunking import from_chunks, pick_chunk_size, to_chunks
+from .._chunking import acc_bmm as _acc, bmm as _bmm, from_chunks, pick_chunk_size, to_chunks
 
 CHUNK = 64
-
-
-def _bmm(a, b):
-    """Batched product over the leading (N, BH) dims, through 3-d views (no copies)."""
-    return torch.bmm(a.flatten(0, 1), b.flatten(0, 1)).view(*a.shape[:-1], b.shape[-1])
-
-
-def _acc(out, a, b, alpha=1.0):
-    """out += alpha * a @ b in place, batched over the leading (N, BH) dims."""
-    out.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
-    return out
 
 
 def _forward_chunks(Q, K, V, Bt, S0):
