@@ -3,6 +3,7 @@ models/, tasks/ and criterions/ is imported so that its @register_* decorators r
 import importlib
 import pkgutil
 
+from . import checkpoint_compat  # noqa: F401  (torch>=2.6 checkpoint loading)
 from . import criterions, models, tasks
 
 

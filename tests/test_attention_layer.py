@@ -1,0 +1,193 @@
+"""FastWeightAttention on its own: the paper's recurrences, padding, incremental state, beam
+reordering, dimension checks."""
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+import fwp_fairseq  # noqa: E402
+
+fwp_fairseq.register()
+from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
+
+E, H = 16, 2
+
+
+def layer(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("self_attention", not kw.get("encoder_decoder_attention", False))
+    return FastWeightAttention(E, H, **kw).double().eval()
+
+
+def x_(T, B, seed=0, dim=E):
+    return torch.randn(T, B, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def naive_causal(a, x):
+    """PAPER.md sections 1-2 written literally, one step at a time, W: (d_v x d_dot) per head."""
+    T, B, _ = x.shape
+    q = a._phi(a._heads(a.q_proj(x), B))
+    k = a._phi(a._heads(a.k_proj(x), B))
+    v = a._heads(a.v_proj(x), B)
+    W = x.new_zeros(B, H, v.size(-1), k.size(-1))
+    z = x.new_zeros(B, H, k.size(-1))
+    out = []
+    for t in range(T):
+        kt, vt, qt = k[:, :, t], v[:, :, t], q[:, :, t]
+        if a.update == "delta":
+            beta = torch.sigmoid(a.beta_proj(x[t]))[..., None]  # (B, H, 1)
+            v_bar = (W @ kt[..., None])[..., 0]
+            if a.attn_normalize and t > 0:
+                den = (z * kt).sum(-1, keepdim=True)  # 0 only where W phi(k) is 0 too
+                v_bar = torch.where(den > 0, v_bar / den.clamp_min(1e-300), torch.zeros_like(v_bar))
+            W = W + beta[..., None] * (vt - v_bar)[..., None] * kt[..., None, :]
+        else:
+            W = W + vt[..., None] * kt[..., None, :]
+        z = z + kt
+        y = (W @ qt[..., None])[..., 0]
+        if a.attn_normalize:
+            y = y / ((z * qt).sum(-1, keepdim=True) + a.eps)
+        out.append(y)
+    o = torch.stack(out, 2).permute(2, 0, 1, 3).reshape(T, B, E)
+    return a.out_proj(o)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "dpfp", "performer"])
+@pytest.mark.parametrize("update", ["sum", "delta"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_causal_matches_the_papers_recurrence(kernel, update, norm):
+    a = layer(causal=True, kernel=kernel, update=update, attn_normalize=norm, performer_features=4)
+    x = x_(9, 2)
+    with torch.no_grad():
+        got, weights = a(x, x, x)
+        torch.testing.assert_close(got, naive_causal(a, x), atol=1e-9, rtol=1e-7)
+    assert weights is None
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_noncausal_reads_after_all_writes(norm):
+    a = layer(kernel="linear", attn_normalize=norm)
+    x = x_(6, 2)
+    with torch.no_grad():
+        got = a(x, x, x)[0]
+        # every position sees the full sequence: the same as the causal read at the last step,
+        # for every query
+        B = x.size(1)
+        q, k, v = a._phi(a._heads(a.q_proj(x), B)), a._phi(a._heads(a.k_proj(x), B)), a._heads(a.v_proj(x), B)
+        o = q @ (k.transpose(-1, -2) @ v)
+        if norm:
+            o = o / ((q * k.sum(2, keepdim=True)).sum(-1, keepdim=True) + a.eps)
+        ref = a.out_proj(o.permute(2, 0, 1, 3).reshape(6, B, E))
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("kind", ["causal-sum", "causal-delta", "noncausal", "cross"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(kind, side):
+    if kind == "cross":
+        a = layer(encoder_decoder_attention=True, kernel="dpfp", kdim=E)
+    elif kind == "noncausal":
+        a = layer(kernel="performer", performer_features=4)
+    else:
+        a = layer(causal=True, kernel="linear", update=kind.split("-")[1], attn_normalize=True)
+    short, long_ = x_(3, 1, 1), x_(6, 1, 2)
+    pad = torch.zeros(3, 1, E, dtype=torch.float64) + 7.0  # garbage at padded positions
+    padded = torch.cat([pad, short]) if side == "left" else torch.cat([short, pad])
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, :3] = side == "left"
+    mask[0, 3:] = side == "right"
+    batch = torch.cat([padded, long_], 1)
+    real = slice(3, 6) if side == "left" else slice(0, 3)
+    with torch.no_grad():
+        if kind == "cross":
+            queries = x_(4, 2, 3)
+            got = a(queries, batch, batch, key_padding_mask=mask, static_kv=True)[0]
+            alone = a(queries[:, :1], short, short, static_kv=True)[0]
+            torch.testing.assert_close(got[:, 0], alone[:, 0])
+            return
+        got = a(batch, batch, batch, key_padding_mask=mask)[0]
+        alone = a(short, short, short)[0]
+        other = a(long_, long_, long_)[0]
+    torch.testing.assert_close(got[real, 0], alone[:, 0])
+    torch.testing.assert_close(got[:, 1], other[:, 0])
+
+
+@pytest.mark.parametrize("update", ["sum", "delta"])
+def test_incremental_state_is_constant_size_and_reorders(update):
+    a = layer(causal=True, kernel="dpfp", dpfp_nu=2, update=update, attn_normalize=True)
+    x = x_(8, 3)
+    with torch.no_grad():
+        full = a(x, x, x)[0]
+        state = {}
+        sizes, steps = set(), []
+        for t in range(4):
+            steps.append(a(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)[0])
+            buf = a._get_input_buffer(state)
+            sizes.add(tuple((k, tuple(v.shape)) for k, v in buf.items()))
+        assert len(sizes) == 1  # no growing cache: S (B, H, d_dot, d_v) and z (B, H, 1, d_dot)
+        # beam search: keep rows 2 and 0 (the batch shrinks), then continue
+        order = torch.tensor([2, 0])
+        a.reorder_incremental_state(state, order)
+        for t in range(4, 8):
+            xt = x[t:t + 1].index_select(1, order)
+            steps.append(a(xt, xt, xt, incremental_state=state)[0])
+    got = torch.cat([torch.cat(steps[:4]).index_select(1, order), torch.cat(steps[4:])])
+    torch.testing.assert_close(got, full.index_select(1, order))
+
+
+def test_cross_attention_state_built_once():
+    a = layer(encoder_decoder_attention=True, kernel="linear", kdim=12, vdim=12)
+    enc = x_(5, 2, 1, dim=12)
+    q = x_(3, 2, 2)
+    with torch.no_grad():
+        full = a(q, enc, enc, static_kv=True)[0]
+        state = {}
+        out0 = a(q[:1], enc, enc, incremental_state=state, static_kv=True)[0]
+        other = x_(5, 2, 9, dim=12)  # ignored: the cached state from the first step is reused
+        out1 = a(q[1:2], other, other, incremental_state=state, static_kv=True)[0]
+        a.reorder_incremental_state(state, torch.tensor([1, 1, 0]))  # beam expansion
+        out2 = a(q[2:3].index_select(1, torch.tensor([1, 1, 0])), enc, enc, incremental_state=state, static_kv=True)[0]
+    torch.testing.assert_close(torch.cat([out0, out1]), full[:2])
+    torch.testing.assert_close(out2[0], full[2].index_select(0, torch.tensor([1, 1, 0])))
+
+
+def test_zero_features_give_no_nan():
+    a = layer(causal=True, kernel="dpfp", update="delta", attn_normalize=True)
+    for p in (a.q_proj, a.k_proj):  # phi(0) = 0 for DPFP
+        torch.nn.init.zeros_(p.weight)
+        torch.nn.init.zeros_(p.bias)
+    x = x_(5, 2)
+    with torch.no_grad():
+        assert torch.isfinite(a(x, x, x)[0]).all()
+
+
+def test_gradients_flow_to_every_parameter():
+    a = layer(causal=True, kernel="linear", update="delta", attn_normalize=True).train()
+    x = x_(7, 2)
+    a(x, x, x)[0].square().sum().backward()
+    for name, p in a.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(embed_dim=15, num_heads=2), "divisible"),
+    (dict(kernel="cosine"), "kernel"),
+    (dict(update="oja"), "update"),
+    (dict(kernel="performer", sum_normalize=False), "sum-normalised"),
+    (dict(causal=True, self_attention=False, encoder_decoder_attention=True), "causal"),
+])
+def test_bad_construction_is_a_clear_error(kwargs, message):
+    kw = dict(embed_dim=E, num_heads=H, self_attention=True)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        FastWeightAttention(kw.pop("embed_dim"), kw.pop("num_heads"), **kw)
+
+
+def test_bad_shapes_are_a_clear_error():
+    a = layer(causal=True)
+    x = x_(4, 2)
+    with pytest.raises(ValueError, match="query"):
+        a(x[..., :8], None, None)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        a(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key"):
+        a(x, x_(4, 3), x_(4, 3))

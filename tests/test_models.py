@@ -1,0 +1,320 @@
+"""fwp_transformer and fwp_lm built in-process: options reach every layer, incremental decoding
+equals the full forward, beam search scores match a rescoring, padding invariance, FAVOR+ draws."""
+import os
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+from fairseq import models, options  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
+from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+
+import fwp_fairseq  # noqa: E402
+
+fwp_fairseq.register()
+from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
+
+PKG = os.path.dirname(os.path.abspath(fwp_fairseq.__file__))
+VOCAB = 16
+CASES = [(k, u) for k in ("linear", "performer", "dpfp") for u in ("sum", "delta")]
+
+
+def make_dict(n=VOCAB):
+    d = Dictionary()
+    for i in range(n):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def build(arch, extra=(), vocab=VOCAB):
+    """Build through fairseq's own path (argparse -> omegaconf -> build_model), so that the
+    dataclass trap of fwp_lm is exercised exactly as under fairseq-train."""
+    task = "language_modeling" if "lm" in arch else "translation"
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, ["/nonexistent", "--task", task, "--arch", arch, "--user-dir", PKG,
+                 "--dropout", "0", *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    d = make_dict(vocab)
+    t = types.SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    torch.manual_seed(0)
+    return models.build_model(cfg.model, t), d
+
+
+def fast_layers(model):
+    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
+
+
+def kernel_args(kernel, update, norm=None):
+    extra = ["--fwp-kernel", kernel, "--fwp-update", update, "--fwp-performer-features", "8"]
+    if norm is True:
+        extra.append("--fwp-attn-normalize")
+    if norm is False:
+        extra.append("--fwp-no-attn-normalize")
+    return extra
+
+
+def random_tokens(d, bsz, T, gen):
+    return torch.randint(d.nspecial, len(d), (bsz, T), generator=gen)
+
+
+# -- options reach the layers -------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["fwp_transformer_tiny", "fwp_lm_tiny"])
+def test_every_option_reaches_every_layer(arch):
+    extra = ["--fwp-kernel", "dpfp", "--fwp-update", "delta", "--fwp-dpfp-nu", "3",
+             "--fwp-attn-normalize", "--fwp-sum-normalize", "--fwp-impl", "reference"]
+    model, _ = build(arch, extra)
+    layers = fast_layers(model)
+    n_dec = len(model.decoder.layers)
+    expected = n_dec if "lm" in arch else len(model.encoder.layers) + 2 * n_dec
+    assert len(layers) == expected
+    assert not any(isinstance(m, MultiheadAttention) for m in model.modules())
+    for a in layers:
+        assert a.kernel == "dpfp" and a.feature_map.nu == 3 and a.feature_map.out_dim == 2 * a.head_dim * 3
+        assert a.attn_normalize and a.sum_normalize and a.impl == "reference"
+        assert a.update == ("delta" if a.causal else "sum")
+    causal = [a for a in layers if a.causal]
+    assert len(causal) == n_dec and all(a.beta_proj is not None for a in causal)
+
+
+@pytest.mark.parametrize("arch", ["fwp_transformer_tiny", "fwp_lm_tiny"])
+def test_performer_options_and_defaults(arch):
+    model, _ = build(arch, ["--fwp-kernel", "performer", "--fwp-performer-features", "5",
+                            "--fwp-no-attn-normalize", "--fwp-performer-seed", "7"])
+    layers = fast_layers(model)
+    assert layers and all(a.feature_map.num_features == 5 and a.feature_map.out_dim == 10 for a in layers)
+    assert all(not a.attn_normalize and a.sum_normalize for a in layers)
+    seeds = [a.feature_map.seed for a in layers]
+    assert len(set(seeds)) == len(seeds)  # every layer and use draws its own features
+    default_update = "delta" if "lm" in arch else "sum"  # Delta Net LM; the paper's MT used sum
+    model, _ = build(arch)
+    for a in fast_layers(model):
+        assert a.kernel == "linear" and a.update == (default_update if a.causal else "sum")
+        assert a.attn_normalize == (a.update == "sum")
+        assert a.sum_normalize == (a.update == "delta")  # linear kernel: only with delta
+
+
+def test_attention_types_switch_independently():
+    model, _ = build("fwp_transformer_tiny", ["--fwp-softmax-encoder-self-attn", "--fwp-softmax-encoder-decoder-attn"])
+    assert all(isinstance(l.self_attn, MultiheadAttention) for l in model.encoder.layers)
+    assert all(isinstance(l.encoder_attn, MultiheadAttention) for l in model.decoder.layers)
+    assert all(isinstance(l.self_attn, FastWeightAttention) for l in model.decoder.layers)
+    model, _ = build("fwp_transformer_tiny", ["--fwp-softmax-decoder-self-attn"])
+    assert all(isinstance(l.self_attn, MultiheadAttention) for l in model.decoder.layers)
+    assert all(isinstance(l.encoder_attn, FastWeightAttention) for l in model.decoder.layers)
+
+
+@pytest.mark.parametrize("arch", ["fwp_transformer_tiny", "fwp_lm_tiny"])
+def test_softmax_kernel_is_fairseqs_model(arch):
+    model, _ = build(arch, ["--fwp-kernel", "softmax"])
+    assert not fast_layers(model)
+    base_arch = "transformer" if "lm" not in arch else "transformer_lm"
+    dims = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-layers", "2",
+            "--encoder-attention-heads", "4"] if "lm" not in arch else [
+            "--decoder-input-dim", "32", "--decoder-output-dim", "32", "--decoder-normalize-before"]
+    dims += ["--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-layers", "2",
+             "--decoder-attention-heads", "4"]
+    ref, _ = build(base_arch, dims)
+    # Same parameter names and shapes: checkpoints are interchangeable with fairseq's.
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--fwp-dpfp-nu", "0"], "--fwp-dpfp-nu"),
+    (["--fwp-performer-features", "0"], "--fwp-performer-features"),
+    (["--fwp-attn-normalize", "--fwp-no-attn-normalize"], "contradict"),
+    (["--fwp-kernel", "performer", "--fwp-no-sum-normalize"], "--fwp-no-sum-normalize"),
+])
+def test_bad_options_fail_naming_the_flag(flag, message):
+    with pytest.raises(ValueError, match=message):
+        build("fwp_lm_tiny", flag)
+
+
+def test_encoder_layer_runs_our_attention():
+    """fairseq's encoder layer must call the swapped-in module (no fast path around it)."""
+    model, d = build("fwp_transformer_tiny")
+    model.eval()
+    calls = []
+    for layer in model.encoder.layers:
+        layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
+    src = random_tokens(d, 2, 5, torch.Generator().manual_seed(0))
+    model.encoder(src, src_lengths=torch.tensor([5, 5]))
+    assert len(calls) == len(model.encoder.layers)
+
+
+# -- incremental decoding == full forward ---------------------------------------------------
+
+def _full_and_incremental(model, prev, encoder_out=None):
+    kw = {} if encoder_out is None else {"encoder_out": encoder_out}
+    full = model.get_normalized_probs(model.decoder(prev, **kw), log_probs=True)
+    state, steps = {}, []
+    for t in range(prev.size(1)):
+        out = model.decoder(prev[:, : t + 1], incremental_state=state, **kw)
+        steps.append(model.get_normalized_probs(out, log_probs=True))
+    return full, torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("kernel, update", CASES)
+@pytest.mark.parametrize("norm", [None, True])
+def test_incremental_equals_full_mt(kernel, update, norm):
+    model, d = build("fwp_transformer_tiny", kernel_args(kernel, update, norm))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    src = random_tokens(d, 3, 7, g)
+    src[0, :2] = d.pad()  # fairseq left-pads sources
+    enc = model.encoder(src, src_lengths=torch.tensor([5, 7, 7]))
+    prev = torch.cat([torch.full((3, 1), d.eos()), random_tokens(d, 3, 8, g)], dim=1)
+    with torch.no_grad():
+        full, inc = _full_and_incremental(model, prev, enc)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel, update", CASES)
+@pytest.mark.parametrize("norm", [None, True])
+def test_incremental_equals_full_lm(kernel, update, norm):
+    model, d = build("fwp_lm_tiny", kernel_args(kernel, update, norm))
+    model.eval()
+    prev = torch.cat([torch.full((2, 1), d.eos()), random_tokens(d, 2, 11, torch.Generator().manual_seed(2))], 1)
+    with torch.no_grad():
+        full, inc = _full_and_incremental(model, prev)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+# -- padding invariance ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel, update", [("linear", "delta"), ("dpfp", "sum"), ("performer", "delta")])
+def test_padded_batch_matches_sentence_alone(kernel, update):
+    model, d = build("fwp_transformer_tiny", kernel_args(kernel, update, True))
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    src_a, tgt_a = random_tokens(d, 1, 4, g), random_tokens(d, 1, 3, g)
+    src_b, tgt_b = random_tokens(d, 1, 7, g), random_tokens(d, 1, 6, g)
+    eos = torch.full((1, 1), d.eos())
+    prev_a, prev_b = torch.cat([eos, tgt_a], 1), torch.cat([eos, tgt_b], 1)
+    pad = d.pad()
+    # left-padded source and right-padded target, as fairseq batches them
+    src = torch.cat([torch.cat([torch.full((1, 3), pad), src_a], 1), src_b])
+    prev = torch.cat([torch.cat([prev_a, torch.full((1, 3), pad)], 1), prev_b])
+    with torch.no_grad():
+        batch = model(src, torch.tensor([4, 7]), prev)[0]
+        alone_a = model(src_a, torch.tensor([4]), prev_a)[0]
+        alone_b = model(src_b, torch.tensor([7]), prev_b)[0]
+    torch.testing.assert_close(batch[0, :4], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[1], alone_b[0], atol=1e-5, rtol=1e-5)
+
+
+# -- beam search ------------------------------------------------------------------------------
+
+def _train_copy(model, d, is_lm, steps=30):
+    """A few Adam steps on copying (MT) or repeating (LM) short sequences: outputs then vary in
+    length, so that finished hypotheses leave the batch during beam search."""
+    g = torch.Generator().manual_seed(4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        n = 2 + step % 5  # lengths vary, so that the LM cannot know where a sequence ends
+        x = random_tokens(d, 8, n, g)
+        tgt = torch.cat([x, torch.full((8, 1), d.eos())], 1)
+        prev = torch.cat([torch.full((8, 1), d.eos()), x], 1)
+        if is_lm:
+            out = model(prev)
+        else:
+            out = model(x, torch.full((8,), n), prev)
+        lp = model.get_normalized_probs(out, log_probs=True)
+        loss = -lp.gather(-1, tgt.unsqueeze(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch, kernel, update", [
+    ("fwp_transformer_tiny", "dpfp", "delta"), ("fwp_transformer_tiny", "linear", "sum"),
+    ("fwp_lm_tiny", "linear", "delta"), ("fwp_lm_tiny", "performer", "sum")])
+def test_beam_search_scores_match_rescoring(arch, kernel, update):
+    is_lm = "lm" in arch
+    model, d = build(arch, kernel_args(kernel, update))
+    _train_copy(model, d, is_lm)
+    g = torch.Generator().manual_seed(5)
+    src = random_tokens(d, 4, 5, g)
+    src[1, :2] = d.pad()
+    lengths = torch.tensor([5, 3, 5, 5])
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    with torch.no_grad():
+        # LM: different forced prefixes make the four sentences differ.
+        hypos = gen.generate([model], sample, prefix_tokens=src[:, -2:] if is_lm else None)
+        lens = set()
+        for i, beams in enumerate(hypos):
+            assert len(beams) == 4
+            for h in beams:
+                tokens = h["tokens"].unsqueeze(0)
+                lens.add(tokens.size(1))
+                prev = torch.cat([torch.full((1, 1), d.eos()), tokens[:, :-1]], 1)
+                if is_lm:
+                    out = model(prev)
+                else:
+                    keep = src[i].ne(d.pad())
+                    out = model(src[i][keep].unsqueeze(0), lengths[i: i + 1], prev)
+                lp = model.get_normalized_probs(out, log_probs=True)[0].gather(-1, tokens[0].unsqueeze(-1))[:, 0]
+                torch.testing.assert_close(lp, h["positional_scores"], atol=1e-4, rtol=0)
+    if not is_lm:  # sources of different lengths: sentences finish at different steps
+        assert len(lens) > 1
+
+
+# -- FAVOR+ draws ----------------------------------------------------------------------------
+
+def test_performer_redraws_in_training_only():
+    model, d = build("fwp_lm_tiny", ["--fwp-kernel", "performer"])
+    attn = fast_layers(model)[0]
+    prev = random_tokens(d, 1, 4, torch.Generator().manual_seed(6))
+    model.train()
+    model.set_num_updates(3)
+    model(prev)
+    r3 = attn.feature_map.projection.clone()
+    model(prev)  # same update (e.g. gradient accumulation): same draw
+    assert torch.equal(attn.feature_map.projection, r3)
+    model.set_num_updates(4)
+    model(prev)
+    r4 = attn.feature_map.projection.clone()
+    assert not torch.equal(r4, r3)
+    model.eval()
+    model.set_num_updates(5)
+    with torch.no_grad():
+        out1 = model(prev)[0]
+        out2 = model(prev)[0]
+    assert torch.equal(attn.feature_map.projection, r4)  # fixed in evaluation
+    assert torch.equal(out1, out2)
+    # The draw is a function of (seed, update number) only: another model draws the same.
+    other, _ = build("fwp_lm_tiny", ["--fwp-kernel", "performer"])
+    other.train()
+    other.set_num_updates(4)
+    other(prev)
+    assert torch.equal(fast_layers(other)[0].feature_map.projection, r4)
+
+
+# -- named architectures ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, target", [("fwp_lm_wiki103_small", 40e6), ("fwp_lm_wiki103_medium", 90e6)])
+def test_wiki103_parameter_counts(arch, target):
+    with torch.device("meta"):  # count without allocating the 267,735-word embedding
+        model, _ = build(arch, ["--fwp-update", "delta", "--tokens-per-sample", "256"], vocab=267_735 - 4)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - target) / target < 0.15, n
+    a = fast_layers(model)
+    assert len(a) == 16 and a[0].num_heads == 8 and a[0].head_dim == (16 if "small" in arch else 32)
+
+
+def test_wmt_big_architecture():
+    with torch.device("meta"):
+        model, _ = build("fwp_transformer_wmt_en_de_big", ["--fwp-kernel", "dpfp", "--fwp-dpfp-nu", "2"], vocab=100)
+    a = fast_layers(model)
+    assert len(a) == 6 + 2 * 6
+    assert all(x.embed_dim == 1024 and x.num_heads == 16 and x.head_dim == 64 for x in a)
+    assert a[0].feature_map.out_dim == 256  # the paper's DPFP nu=2 (d_dot 256)
+    assert model.encoder.layers[0].fc1.out_features == 4096
