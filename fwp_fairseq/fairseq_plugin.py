@@ -4,6 +4,8 @@ import importlib
 import pkgutil
 
 from . import checkpoint_compat  # noqa: F401  (torch>=2.6 checkpoint loading)
+from . import numpy_compat  # noqa: F401  (numpy>=2: np.compat in fairseq's LM inference data)
+from . import distributed_compat  # noqa: F401  (torchrun on CPU)
 from . import criterions, models, tasks
 
 

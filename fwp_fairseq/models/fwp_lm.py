@@ -2,6 +2,7 @@
 self-attention (the paper's WikiText-103 models; ../shared/PAPER.md section 4).
 
 --fwp-kernel softmax is fairseq's transformer_lm with the same flags and checkpoint layout."""
+import logging
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum
@@ -12,7 +13,10 @@ from fairseq.models.transformer_lm import (
     base_lm_architecture,
 )
 
+from ..modules.fast_weight_attention import FastWeightAttention
 from .fwp_options import UPDATES, FwpFields, fwp_options, install_fast_weights, set_fwp_defaults
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +36,66 @@ class FwpLanguageModel(TransformerLanguageModel):
         model = super().build_model(args, task)
         install_fast_weights(opts, decoder=model.decoder)
         return model
+
+    # -- fast weights carried across segments (task fwp_stream_lm --fwp-carry-state) -------
+    # Batches of fwp_stream_lm are segments of contiguous streams and say which segment they
+    # are (net_input["stream_segment"]): segment 0 starts the streams again (new epoch, new
+    # evaluation), so the state is reset; a gap (resumed mid-epoch) restarts it from zero.
+    carry_state = False
+
+    def fast_self_attention(self):
+        return [layer.self_attn for layer in self.decoder.layers
+                if isinstance(layer.self_attn, FastWeightAttention)]
+
+    def set_carry_state(self, on=True):
+        layers = self.fast_self_attention()
+        if on:
+            if not layers:
+                raise ValueError("--fwp-carry-state: the model has no fast-weight self-attention "
+                                 "(--fwp-kernel softmax keeps fairseq's attention)")
+            if self.decoder.embed_positions is not None:
+                # Positions would restart at every segment while the state goes on: the result
+                # would depend on --tokens-per-sample. The paper's best Delta Net has none.
+                raise ValueError("--fwp-carry-state: needs --no-token-positional-embeddings (positions "
+                                 "restarting at each segment would contradict the carried state)")
+            if len(layers) == len(self.decoder.layers):
+                # Fast weights ignore attn_mask: skip fairseq's T x T causal mask, which a long
+                # segment (the whole stream in evaluation) could not afford.
+                self.decoder.buffered_future_mask = _no_future_mask
+        for layer in layers:
+            layer.set_carry_state(on)
+        self.carry_state = bool(on)
+        self._next_segment = {}
+
+    def reset_fast_weights(self, slot=None):
+        """Forget the carried fast weights of "train" or "eval" streams (None: both)."""
+        for layer in self.fast_self_attention():
+            layer.reset_carried_state(slot)
+        nxt = self.__dict__.setdefault("_next_segment", {})
+        if slot is None:
+            nxt.clear()
+        else:
+            nxt.pop(slot, None)
+
+    def _begin_segment(self, segment):
+        slot = "train" if self.training else "eval"
+        expected = self._next_segment.get(slot)
+        if segment == 0 or segment != expected:
+            if segment != 0:
+                logger.info(f"carried fast weights ({slot}) restart from zero at segment {segment}")
+            self.reset_fast_weights(slot)
+        self._next_segment[slot] = segment + 1
+
+    def forward(self, src_tokens, *args, stream_segment=None, **kwargs):
+        if self.carry_state:
+            if stream_segment is None:
+                raise ValueError("--fwp-carry-state: batches must be stream segments (task fwp_stream_lm)")
+            self._begin_segment(int(stream_segment))
+        return super().forward(src_tokens, *args, **kwargs)
+
+
+def _no_future_mask(tensor):
+    return None
 
 
 def fwp_lm_base(args):

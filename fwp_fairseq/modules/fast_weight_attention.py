@@ -30,6 +30,15 @@ KERNELS = ("linear", "performer", "dpfp")
 def _acc(x):
     """Normalisers accumulate in fp32 (fp64 for fp64 inputs), like the fast-weight state."""
     return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def _core_dtype(dtype):
+    """dtype of phi(q), phi(k) and v entering the recurrence (the ops keep the state in fp32
+    whatever it is): fp16 lacks the range for unnormalised features and for outputs that grow
+    with T, so it runs in fp32; bf16 has fp32's range and stays bf16."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 UPDATES = ("sum", "delta")
 
 
@@ -130,8 +139,12 @@ class FastWeightAttention(nn.Module):
         return x.view(x.size(0), bsz, self.num_heads, -1).permute(1, 2, 0, 3)
 
     def _phi(self, x):
-        x = self.feature_map(x)
-        return sum_normalize(x, self.eps) if self.sum_normalize else x
+        # In fp32 for half inputs: DPFP squares x (|x| ~ 1e3 gives 1e6, past fp16's range),
+        # FAVOR+ exponentiates, and the normalising sum runs over d_dot features.
+        dtype = x.dtype
+        x = self.feature_map(_acc(x))
+        x = sum_normalize(x, self.eps) if self.sum_normalize else x
+        return x.to(_core_dtype(dtype))
 
     def _check(self, query, key, value, key_padding_mask):
         if query.dim() != 3 or query.size(-1) != self.embed_dim:
@@ -163,17 +176,31 @@ class FastWeightAttention(nn.Module):
             # Redrawn every training update from (seed, update number): identical on all workers.
             self.feature_map.redraw(self.num_updates)
         tgt_len, bsz, _ = query.shape
-        q = self._phi(self._heads(self.q_proj(query), bsz))
-        if self.causal:
-            out = self._causal(q, query, key, value, key_padding_mask, incremental_state)
-        else:
-            out = self._noncausal(q, key, value, key_padding_mask, incremental_state, static_kv)
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
+        # Autocast would run the recurrence's products in half and cast the fp32 state and
+        # normalisers down: it is off from phi to the output; projections keep the caller's.
+        dev = query.device.type
+        self._amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        qp = self.q_proj(query)
+        with torch.autocast(dev, enabled=False):
+            q = self._phi(self._heads(qp, bsz))
+            if self.causal:
+                out = self._causal(q, query, key, value, key_padding_mask, incremental_state)
+            else:
+                out = self._noncausal(q, key, value, key_padding_mask, incremental_state, static_kv)
+        out = out.to(qp.dtype).permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         return self.out_proj(out), None
 
+    def _project(self, proj, x):
+        """A projection under the caller's autocast, which forward turns off around the rest."""
+        amp = getattr(self, "_amp", None)
+        if amp is None:
+            return proj(x)
+        with torch.autocast(x.device.type, dtype=amp):
+            return proj(x)
+
     def _keys_values(self, key, value, key_padding_mask, bsz):
-        k = self._phi(self._heads(self.k_proj(key), bsz))
-        v = self._heads(self.v_proj(value), bsz)
+        k = self._phi(self._heads(self._project(self.k_proj, key), bsz))
+        v = self._heads(self._project(self.v_proj, value), bsz).to(k.dtype)  # the ops want one dtype
         if key_padding_mask is not None:
             # A zero key writes nothing (sum and delta rule alike) and adds nothing to z.
             k = k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
@@ -204,6 +231,11 @@ class FastWeightAttention(nn.Module):
         k, v = self._keys_values(key, value, key_padding_mask, bsz)
         buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
         state0, z0 = buffer.get("fw_state"), buffer.get("fw_z")
+        # Incremental decoding has its own state; otherwise continue the carried segment state.
+        carry = self.carry_state and incremental_state is None
+        if carry:
+            state0, z0 = self._carried_in(bsz)
+        keep_state = incremental_state is not None or carry
         z = None
         if self.attn_normalize:
             z = _acc(k).cumsum(2)  # z_t = z_{t-1} + phi(k_t)
@@ -219,16 +251,55 @@ class FastWeightAttention(nn.Module):
             out, state = self._one_step(q, k, v, beta, state0)
         elif beta is not None:
             out, state = fast_weight_delta(q, k, v, beta, initial_state=state0,
-                                           output_final_state=incremental_state is not None, impl=self.impl)
+                                           output_final_state=keep_state, impl=self.impl)
         else:
             out, state = fast_weight_sum(q, k, v, initial_state=state0,
-                                         output_final_state=incremental_state is not None, impl=self.impl)
+                                         output_final_state=keep_state, impl=self.impl)
         if self.attn_normalize:
             out = self._normalise(out, q, z)
+        if carry:
+            # Detached: backpropagation stays within the segment (truncated BPTT).
+            self._carried[self._carry_slot()] = (
+                state.detach(), z[:, :, -1:].detach() if z is not None else None)
         if incremental_state is not None:
             self._set_input_buffer(incremental_state, {
                 "fw_state": state, "fw_z": z[:, :, -1:] if z is not None else None})
         return out
+
+    # -- fast weights carried across segments (task fwp_stream_lm --fwp-carry-state) -------
+    carry_state = False  # per layer, switched on by set_carry_state
+
+    def set_carry_state(self, on=True):
+        """Carry (S, z) from one forward to the next when no incremental_state is given: the
+        batch rows must be contiguous streams whose consecutive segments arrive in order."""
+        if on and not self.causal:
+            raise ValueError("carry_state: only causal self-attention has a state to carry")
+        self.carry_state = bool(on)
+        self.reset_carried_state()
+
+    def _carry_slot(self):
+        # Training and evaluation streams (validation in the middle of an epoch) are distinct.
+        return "train" if self.training else "eval"
+
+    def reset_carried_state(self, slot=None):
+        """Forget the carried state of `slot` ("train" / "eval"), or of both: W = 0, z = 0."""
+        carried = self.__dict__.setdefault("_carried", {})
+        if slot is None:
+            carried.clear()
+        else:
+            carried.pop(slot, None)
+
+    def _carried_in(self, bsz):
+        carried = self.__dict__.setdefault("_carried", {}).get(self._carry_slot())
+        if carried is None:
+            return None, None
+        if carried[0].size(0) != bsz:
+            # A batch row is a stream: another batch size means other streams, not a continuation.
+            raise RuntimeError(
+                f"--fwp-carry-state: the carried fast weights hold {carried[0].size(0)} streams but "
+                f"this batch has {bsz} rows; reset the state (model.reset_fast_weights()) when "
+                "starting new streams")
+        return carried
 
     @staticmethod
     def _one_step(q, k, v, beta, state):

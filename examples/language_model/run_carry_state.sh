@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Fast weights carried across segments on Tiny Shakespeare (character level; the paper's
+# Table 4 setting in small): the same decoder and the same budget (MAX_UPDATE updates of
+# BATCH x CONTEXT characters) for every row, then valid/test perplexity from fairseq-eval-lm.
+# Prints markdown table rows (and appends them to $OUT/table.md).
+#
+#   bash data-scripts/prepare-tinyshakespeare.sh --from ../shared/data/tinyshakespeare   # once
+#   MAX_UPDATE=2000 bash examples/language_model/run_carry_state.sh [ROW...]
+#
+# ROWs (default: deltanet deltanet_carry linear_carry):
+#   deltanet        Delta Net, independent shuffled segments (task language_modeling);
+#                   evaluated with a sliding window (each scored character sees >= 3/4 CONTEXT)
+#   deltanet_carry  Delta Net, contiguous streams, state carried (task fwp_stream_lm
+#                   --fwp-carry-state); evaluated as one stream: each character once, all context
+#   linear_carry    linear transformer (sum rule + attention normaliser), carried state
+#   linear          linear transformer, independent segments, sliding window
+# All rows have no positional encoding (required with carried state; the paper's best Delta Net
+# has none), so the rows differ only in the update rule and in the carry.
+# Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
+#   CONTEXT (256: tokens per segment)  BATCH (32: segments / streams per update)  SEED (1)
+#   THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+[[ -x .venv/bin/python ]] && export PATH="$ROOT/.venv/bin:$PATH"
+
+DATA=${DATA:-data-bin/tinyshakespeare}
+OUT=${OUT:-results/carry_state}
+MAX_UPDATE=${MAX_UPDATE:-2000}
+CONTEXT=${CONTEXT:-256}
+BATCH=${BATCH:-32}
+SEED=${SEED:-1}
+export OMP_NUM_THREADS=${THREADS:-2}
+ROWS=("$@")
+[[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
+[[ -f "$DATA/dict.txt" ]] || { echo "error: no Tiny Shakespeare data in $DATA; run data-scripts/prepare-tinyshakespeare.sh first" >&2; exit 1; }
+
+row_args() {  # the model flags of a row
+    case $1 in
+        deltanet|deltanet_carry) echo "--fwp-kernel linear --fwp-update delta" ;;
+        linear|linear_carry) echo "--fwp-kernel linear --fwp-update sum" ;;
+        *) echo "error: unknown row $1 (deltanet deltanet_carry linear_carry linear)" >&2; return 1 ;;
+    esac
+}
+
+task_args() {  # the data feeding of a row, in training
+    case $1 in
+        *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH" ;;
+        *) echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
+    esac
+}
+
+ppl() {  # ppl ROW CKPT SUBSET LOG
+    local eval_args
+    case $1 in
+        # one stream, the state carried from segment to segment: every character scored once
+        # with all earlier context (the result does not depend on --tokens-per-sample)
+        *_carry) eval_args="--task fwp_stream_lm --fwp-carry-state --tokens-per-sample $CONTEXT" ;;
+        # sliding windows of CONTEXT characters, each scoring its last quarter
+        *) eval_args="--task language_modeling --tokens-per-sample $CONTEXT --context-window $((CONTEXT * 3 / 4)) --batch-size 16" ;;
+    esac
+    # shellcheck disable=SC2086
+    fairseq-eval-lm "$DATA" --user-dir fwp_fairseq --path "$2" --gen-subset "$3" $eval_args \
+        --num-workers 0 2>&1 | tee "$4" | grep -o 'Perplexity: [0-9.]*' | tail -1 | grep -o '[0-9.]*$'
+}
+
+mkdir -p "$OUT"
+[[ -f "$OUT/table.md" ]] || {
+    echo "| row | fwp options | carried state | params | updates | train time | valid ppl | test ppl | test bits/char |" >"$OUT/table.md"
+    echo "|---|---|---|---|---|---|---|---|---|" >>"$OUT/table.md"
+}
+
+for row in "${ROWS[@]}"; do
+    args=$(row_args "$row")
+    targs=$(task_args "$row")
+    dir="$OUT/$row"
+    mkdir -p "$dir"
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    fairseq-train "$DATA" --user-dir fwp_fairseq $targs \
+        --arch fwp_lm $args --no-token-positional-embeddings \
+        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 --decoder-attention-heads 4 \
+        --decoder-input-dim 256 --decoder-output-dim 256 \
+        --share-decoder-input-output-embed --dropout 0.1 \
+        --tokens-per-sample "$CONTEXT" \
+        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
+        --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 200 --warmup-init-lr 1e-07 \
+        --max-update "$MAX_UPDATE" --seed "$SEED" \
+        --save-dir "$dir/checkpoints" --no-epoch-checkpoints --num-workers 0 \
+        --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
+        2>&1 | tee "$dir/train.log"
+    secs=$(( $(date +%s) - start ))
+    params=$(grep -o 'num. shared model params: [0-9,]*' "$dir/train.log" | head -1 | grep -o '[0-9,]*$' || echo "?")
+    updates=$(grep -o 'num_updates [0-9]*' "$dir/train.log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+    ckpt="$dir/checkpoints/checkpoint_last.pt"
+    valid=$(ppl "$row" "$ckpt" valid "$dir/eval_valid.log")
+    test=$(ppl "$row" "$ckpt" test "$dir/eval_test.log")
+    bpc=$(python3 -c "import math; print(f'{math.log2(float(\"$test\")):.3f}')" 2>/dev/null || echo "?")
+    carry=$([[ $row == *_carry ]] && echo yes || echo no)
+    line="| $row | \`$args\` | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
+    echo "$line" | tee -a "$OUT/table.md"
+done
+echo "Table: $OUT/table.md"
