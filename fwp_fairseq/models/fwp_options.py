@@ -3,7 +3,10 @@
 One dataclass declares the flags (fairseq builds argparse flags and the LM's config from it);
 ``fwp_options(args)`` reads them straight from the model's args/config, never through fairseq's
 TransformerConfig, which drops fields it does not know for dataclass-configured models."""
+import logging
 from dataclasses import dataclass, field, fields
+
+import torch
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
@@ -11,6 +14,8 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 KERNELS = ("softmax", "linear", "performer", "dpfp")
 UPDATES = ("sum", "delta")
 IMPLS = ("auto", "reference", "chunked", "cuda")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,6 +126,15 @@ def fwp_options(args):
     if kernel == "performer" and sum_norm is False:
         raise ValueError("--fwp-no-sum-normalize: performer features are only defined up to a "
                          "per-vector factor and must be sum-normalised")
+    if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
+        # Fail before any data is loaded rather than at the first forward.
+        raise ValueError("--fwp-impl: 'cuda' needs a CUDA GPU (none here, or --cpu); use auto, "
+                         "chunked or reference (for a checkpoint: --model-overrides "
+                         "\"{'fwp_impl': 'auto'}\")")
+    if kernel == "performer" and update == "delta":
+        # Allowed (the paper's LM ran it), but the synthetic task saw NaN: say so once, at build.
+        logger.warning("--fwp-kernel performer with --fwp-update delta: the paper saw NaN with "
+                       "this pair in its synthetic task; watch the loss")
     return FwpOptions(
         kernel=kernel, update=update, dpfp_nu=nu, performer_features=m,
         attn_normalize=_tri_state(args, "fwp_attn_normalize", "fwp_no_attn_normalize", "attention normaliser"),

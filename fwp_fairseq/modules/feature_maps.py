@@ -10,8 +10,15 @@ import torch.nn.functional as F
 
 
 def sum_normalize(x, eps=1e-6):
-    """phi / sum_j phi_j. Features are non-negative; eps keeps an all-zero vector at zero, not NaN."""
-    return x / (x.sum(-1, keepdim=True) + eps)
+    """phi / sum_j phi_j. Features are non-negative; eps keeps an all-zero vector at zero, not NaN.
+    Computed in fp32 for half inputs (a sum of many half features overflows fp16)."""
+    xa = _acc(x)
+    return (xa / (xa.sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _acc(x):
+    """fp32 for half inputs (fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class LinearFeatureMap(nn.Module):
@@ -39,8 +46,12 @@ class DPFPFeatureMap(nn.Module):
         self.out_dim = 2 * head_dim * nu
 
     def forward(self, x):
+        # Products of two entries: computed in fp32 for half inputs (|x| ~ 1e3 would be inf in
+        # fp16), then returned in x's dtype, so callers wanting range pass fp32 in.
         r = F.relu(torch.cat([x, -x], dim=-1))
-        return torch.cat([r * r.roll(shifts=j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
+        ra = _acc(r)
+        out = torch.cat([ra * ra.roll(shifts=j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
+        return out.to(x.dtype)
 
 
 def orthogonal_random_matrix(num_features, head_dim, generator, dtype=torch.float32):
