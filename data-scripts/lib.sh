@@ -93,6 +93,31 @@ check_from_dir() {
     [[ -d "$from" ]] || die "--from $from: not a directory"
 }
 
+# The options every prepare script takes: call it from the `*)` branch of the script's own
+# option loop, then `shift "$SHIFT_BY"`. Sets FROM, OUT, WORKERS, FORCE, NO_VERIFY.
+common_option() {
+    case $1 in
+        --from) FROM=${2:?--from needs a directory}; SHIFT_BY=2 ;;
+        --out) OUT=${2:?--out needs a directory}; SHIFT_BY=2 ;;
+        --workers) WORKERS=$2; SHIFT_BY=2 ;;
+        --force) FORCE=1; SHIFT_BY=1 ;;
+        --no-verify) NO_VERIFY=1; SHIFT_BY=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option $1" ;;
+    esac
+}
+
+# After the option loop: make --from absolute, and stop (successfully) when OUT already holds
+# a build with the same SETTINGS. Usage: finish_options "Data set name" "$SETTINGS"
+finish_options() {
+    check_from_dir "$FROM"
+    [[ -n "$FROM" ]] && FROM=$(cd "$FROM" && pwd)
+    if [[ $FORCE == 0 ]] && already_done "$OUT" "$2"; then
+        echo "$1 already prepared in $OUT ($2); nothing to do (--force rebuilds)."
+        exit 0
+    fi
+}
+
 # Stamp handling: the stamp records the settings, so a rerun with other
 # settings is refused rather than silently mixing outputs.
 STAMP_NAME=.prepared

@@ -44,27 +44,15 @@ declare -A SIZE=(
 FROM="" OUT="$REPO_ROOT/data-bin/multi30k" SRC=de TGT=en VOCAB=8000 WORKERS=1 FORCE=0 NO_VERIFY=0
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --from) FROM=${2:?--from needs a directory}; shift 2 ;;
-        --out) OUT=${2:?--out needs a directory}; shift 2 ;;
         --src) SRC=$2; shift 2 ;;
         --tgt) TGT=$2; shift 2 ;;
         --vocab-size) VOCAB=$2; shift 2 ;;
-        --workers) WORKERS=$2; shift 2 ;;
-        --force) FORCE=1; shift ;;
-        --no-verify) NO_VERIFY=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown option $1" ;;
+        *) common_option "$@"; shift "$SHIFT_BY" ;;
     esac
 done
 [[ "$SRC-$TGT" == de-en || "$SRC-$TGT" == en-de ]] || die "--src/--tgt must be de/en or en/de"
-check_from_dir "$FROM"
-[[ -n "$FROM" ]] && FROM=$(cd "$FROM" && pwd)
-
 SETTINGS="multi30k src=$SRC tgt=$TGT vocab=$VOCAB"
-if [[ $FORCE == 0 ]] && already_done "$OUT" "$SETTINGS"; then
-    echo "Multi30k already prepared in $OUT ($SETTINGS); nothing to do (--force rebuilds)."
-    exit 0
-fi
+finish_options "Multi30k" "$SETTINGS"
 find_python
 need_python_module sentencepiece sentencepiece
 need_python_module fairseq_cli "ve-fairseq (or fairseq)"

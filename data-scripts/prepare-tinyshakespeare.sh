@@ -38,23 +38,11 @@ FRACTIONS=0.9,0.05,0.05
 FROM="" OUT="$REPO_ROOT/data-bin/tinyshakespeare" WORKERS=1 FORCE=0 NO_VERIFY=0
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --from) FROM=${2:?--from needs a directory}; shift 2 ;;
-        --out) OUT=${2:?--out needs a directory}; shift 2 ;;
-        --workers) WORKERS=$2; shift 2 ;;
-        --force) FORCE=1; shift ;;
-        --no-verify) NO_VERIFY=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown option $1" ;;
+        *) common_option "$@"; shift "$SHIFT_BY" ;;
     esac
 done
-check_from_dir "$FROM"
-[[ -n "$FROM" ]] && FROM=$(cd "$FROM" && pwd)
-
 SETTINGS="tinyshakespeare char-level split=$FRACTIONS"
-if [[ $FORCE == 0 ]] && already_done "$OUT" "$SETTINGS"; then
-    echo "Tiny Shakespeare already prepared in $OUT ($SETTINGS); nothing to do (--force rebuilds)."
-    exit 0
-fi
+finish_options "Tiny Shakespeare" "$SETTINGS"
 find_python
 need_python_module fairseq_cli "ve-fairseq (or fairseq)"
 

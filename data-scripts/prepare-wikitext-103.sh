@@ -36,23 +36,11 @@ declare -A LINES=([train]=1801350 [valid]=3760 [test]=4358)
 FROM="" OUT="$REPO_ROOT/data-bin/wikitext-103" WORKERS=$(nproc 2>/dev/null || echo 1) FORCE=0 NO_VERIFY=0
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --from) FROM=${2:?--from needs a directory}; shift 2 ;;
-        --out) OUT=${2:?--out needs a directory}; shift 2 ;;
-        --workers) WORKERS=$2; shift 2 ;;
-        --force) FORCE=1; shift ;;
-        --no-verify) NO_VERIFY=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown option $1" ;;
+        *) common_option "$@"; shift "$SHIFT_BY" ;;
     esac
 done
-check_from_dir "$FROM"
-[[ -n "$FROM" ]] && FROM=$(cd "$FROM" && pwd)
-
 SETTINGS="wikitext-103 v1 word-level"
-if [[ $FORCE == 0 ]] && already_done "$OUT" "$SETTINGS"; then
-    echo "WikiText-103 already prepared in $OUT; nothing to do (--force rebuilds)."
-    exit 0
-fi
+finish_options "WikiText-103" "$SETTINGS"
 find_python
 need_python_module fairseq_cli "ve-fairseq (or fairseq)"
 

@@ -54,25 +54,13 @@ FROM="" OUT="$REPO_ROOT/data-bin/wmt14_en_de" VOCAB=32000 SPM_SENTENCES=4000000
 WORKERS=$(nproc 2>/dev/null || echo 1) FORCE=0 NO_VERIFY=0
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --from) FROM=${2:?--from needs a directory}; shift 2 ;;
-        --out) OUT=${2:?--out needs a directory}; shift 2 ;;
         --vocab-size) VOCAB=$2; shift 2 ;;
         --spm-sentences) SPM_SENTENCES=$2; shift 2 ;;
-        --workers) WORKERS=$2; shift 2 ;;
-        --force) FORCE=1; shift ;;
-        --no-verify) NO_VERIFY=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown option $1" ;;
+        *) common_option "$@"; shift "$SHIFT_BY" ;;
     esac
 done
-check_from_dir "$FROM"
-[[ -n "$FROM" ]] && FROM=$(cd "$FROM" && pwd)
-
 SETTINGS="wmt14 en-de vocab=$VOCAB spm_sentences=$SPM_SENTENCES"
-if [[ $FORCE == 0 ]] && already_done "$OUT" "$SETTINGS"; then
-    echo "WMT14 en-de already prepared in $OUT ($SETTINGS); nothing to do (--force rebuilds)."
-    exit 0
-fi
+finish_options "WMT14 en-de" "$SETTINGS"
 find_python
 need_python_module sentencepiece sentencepiece
 need_python_module fairseq_cli "ve-fairseq (or fairseq)"
