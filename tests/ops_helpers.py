@@ -19,6 +19,19 @@ def make_inputs(B, H, T, Dk, Dv, dtype=torch.float64, seed=0, with_state=False, 
     return out
 
 
+def positive_inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
+    """[q, k, v, beta, h0] with sum-normalised positive features, as the models feed them (the
+    CUDA tests' inputs: the delta rule stays stable in every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
+
+
 def rel_err(a, b):
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()

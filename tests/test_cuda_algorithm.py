@@ -18,6 +18,8 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
+from ops_helpers import positive_inputs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_emu.h")
@@ -99,18 +101,6 @@ def short_checkpoints(monkeypatch):
     monkeypatch.setattr(cuda_backend, "CK_EVERY", 16)
 
 
-def _inputs(B, H, T, Dk, Dv, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # Sum-normalised positive features, as the models feed them: the delta rule stays stable.
-    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
-    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
-    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
-    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
-    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
-    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
-    return [x.to(dtype) for x in (q, k, v, beta, h0)]
-
-
 def _run(fn, inputs, delta, with_h0=True):
     """Outputs and the gradients of a fixed random loss on (o, final state)."""
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
@@ -157,7 +147,7 @@ SHAPES = [
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, delta):
-    inputs = _inputs(*shape, torch.float64)
+    inputs = positive_inputs(*shape, torch.float64)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta)
     o_r, ht_r, grads_r = _run(_ref_fn(delta), inputs, delta)
     _close(o, o_r, 1e-10)
@@ -169,7 +159,7 @@ def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, de
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delta):
-    inputs = _inputs(1, 1, 40, 64, 32, torch.float32, seed=3)
+    inputs = positive_inputs(1, 1, 40, 64, 32, torch.float32, seed=3)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0=False)
     ref_inputs = [x.double() for x in inputs]
     o_r, ht_r, grads_r = _run(_ref_fn(delta), ref_inputs, delta, with_h0=False)
@@ -181,7 +171,7 @@ def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delt
 
 
 def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints):
-    inputs = _inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
+    inputs = positive_inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
     a = _run(_emu_fn(emu, True), inputs, True)
     b = _run(_emu_fn(emu, True), inputs, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -190,7 +180,7 @@ def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints):
 
 
 def test_emulated_forward_without_grad_stores_nothing(emu):
-    q, k, v, beta, h0 = _inputs(1, 1, 7, 8, 8, torch.float32)
+    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
     with torch.no_grad():
         o, ht = cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
     assert ht is None
@@ -200,6 +190,6 @@ def test_emulated_forward_without_grad_stores_nothing(emu):
 
 def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):
     monkeypatch.setattr(cuda_backend, "CK_EVERY", 12)
-    q, k, v, beta, h0 = _inputs(1, 1, 7, 8, 8, torch.float32)
+    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
     with pytest.raises(RuntimeError, match="ck_every"):
         cuda_backend._apply(emu, q, k, v, beta, h0, False, True)

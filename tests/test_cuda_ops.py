@@ -7,17 +7,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
 
-
-def _inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # Sum-normalised positive features, as the models feed them.
-    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
-    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
-    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
-    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
-    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
-    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
-    return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
+from ops_helpers import positive_inputs
 
 
 def _call(delta, impl, q, k, v, beta, h0, final=True):
@@ -65,7 +55,7 @@ def test_available_never_raises_and_gives_a_reason():
 
 
 def test_impl_cuda_on_cpu_tensors_raises_clearly():
-    q, k, v, beta, h0 = _inputs(1, 1, 4, 8, 8)
+    q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
     with pytest.raises(ValueError, match="CUDA tensors"):
         fast_weight_delta(q, k, v, beta, impl="cuda")
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -75,7 +65,7 @@ def test_impl_cuda_on_cpu_tensors_raises_clearly():
 
 
 def test_auto_on_cpu_does_not_need_cuda():
-    q, k, v, beta, h0 = _inputs(1, 1, 4, 8, 8)
+    q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
     o, _ = fast_weight_delta(q, k, v, beta, impl="auto")
     assert o.shape == v.shape
 
@@ -116,7 +106,7 @@ SHAPES = [
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fp32_matches_fp64_reference(cuda, shape, delta):
-    inputs = _inputs(*shape, dtype=torch.float32, device=cuda)
+    inputs = positive_inputs(*shape, dtype=torch.float32, device=cuda)
     got = _run(delta, "cuda", inputs)
     want = _run(delta, "reference", [x.double() for x in inputs])
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
@@ -129,7 +119,7 @@ def test_fp32_matches_fp64_reference(cuda, shape, delta):
 @pytest.mark.parametrize("shape", [(1, 2, 300, 24, 40), (1, 1, 70, 512, 256)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fp64_matches_reference(cuda, shape, delta):
-    inputs = _inputs(*shape, dtype=torch.float64, device=cuda)
+    inputs = positive_inputs(*shape, dtype=torch.float64, device=cuda)
     got = _run(delta, "cuda", inputs)
     want = _run(delta, "reference", inputs)
     assert got[1].dtype == torch.float64
@@ -141,7 +131,7 @@ def test_fp64_matches_reference(cuda, shape, delta):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_half_precision_long_sequence(cuda, dtype, delta):
-    inputs = _inputs(1, 2, 4096, 64, 64, dtype=dtype, device=cuda, seed=2)
+    inputs = positive_inputs(1, 2, 4096, 64, 64, dtype=dtype, device=cuda, seed=2)
     got = _run(delta, "cuda", inputs)
     want = _run(delta, "chunked", [x.float() for x in inputs])  # fp32 on the same rounded inputs
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
@@ -152,7 +142,7 @@ def test_half_precision_long_sequence(cuda, dtype, delta):
 @pytest.mark.gpu
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_state_carry_equals_one_pass(cuda, delta):
-    q, k, v, beta, h0 = _inputs(2, 2, 200, 64, 32, device=cuda, seed=4)
+    q, k, v, beta, h0 = positive_inputs(2, 2, 200, 64, 32, device=cuda, seed=4)
     o, ht = _call(delta, "cuda", q, k, v, beta, h0)
     cut = 77
     o1, h1 = _call(delta, "cuda", q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], beta[:, :, :cut], h0)
@@ -164,7 +154,7 @@ def test_state_carry_equals_one_pass(cuda, delta):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_reruns_are_bit_identical(cuda, dtype):
-    inputs = _inputs(2, 4, 700, 128, 64, dtype=dtype, device=cuda, seed=6)
+    inputs = positive_inputs(2, 4, 700, 128, 64, dtype=dtype, device=cuda, seed=6)
     for delta in (True, False):
         a = _run(delta, "cuda", inputs)
         b = _run(delta, "cuda", inputs)
@@ -174,7 +164,7 @@ def test_reruns_are_bit_identical(cuda, dtype):
 
 @pytest.mark.gpu
 def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
-    q, k, v, beta, h0 = _inputs(2, 3, 50, 32, 32, device=cuda)
+    q, k, v, beta, h0 = positive_inputs(2, 3, 50, 32, 32, device=cuda)
     o_cuda, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
     o_auto, _ = fast_weight_delta(q, k, v, beta, h0, impl="auto")
     assert _rel_max(o_auto, o_cuda) < 1e-5
@@ -184,8 +174,8 @@ def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
 
 
 @pytest.mark.gpu
-def test_gradient_only_to_some_inputs(cuda):
-    q, k, v, beta, h0 = _inputs(1, 2, 40, 16, 16, device=cuda)
+def test_gradient_only_to_somepositive_inputs(cuda):
+    q, k, v, beta, h0 = positive_inputs(1, 2, 40, 16, 16, device=cuda)
     v.requires_grad_(True)
     o, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
     o.sum().backward()
@@ -198,6 +188,6 @@ def test_gradient_only_to_some_inputs(cuda):
 
 @pytest.mark.gpu
 def test_too_large_dims_raise(cuda):
-    q, k, v, beta, _ = _inputs(1, 1, 4, 520, 8, device=cuda)
+    q, k, v, beta, _ = positive_inputs(1, 1, 4, 520, 8, device=cuda)
     with pytest.raises(ValueError, match="512"):
         fast_weight_delta(q, k, v, beta, impl="cuda")
