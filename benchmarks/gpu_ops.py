@@ -66,6 +66,13 @@ def _fla_fn(op):
     return lambda q, k, v, b: op(q, k, v, b, scale=1.0)[0]
 
 
+# What the targets compare first: cuda vs fla's fused recurrent (fp32), auto vs flash softmax
+# (T=8192), auto bf16 vs fla's chunk kernel; then the rest.
+PRIORITY = ["cuda_delta_fp32", "fla_fused_recurrent_fp32", "sdpa_flash_bf16", "auto_delta_bf16",
+            "fla_chunk_bf16", "chunked_delta_bf16", "auto_delta_fp32", "cuda_sum_fp32",
+            "chunked_delta_fp32", "cuda_delta_bf16", "sdpa_flash_fp16"]
+
+
 # name -> (function maker, dtype, layout)
 def methods(fla_ops):
     m = {
@@ -139,8 +146,9 @@ def cross_check(fla_ops):
 
 
 def write_table(results, path, device):
-    names = sorted({r["method"] for r in results},
-                   key=lambda n: (not n.startswith("cuda"), n))
+    measured = {r["method"] for r in results if "fwd_bwd_ms" in r}
+    names = sorted(measured, key=lambda n: (not n.startswith("cuda"), n))
+    unmeasured = sorted({r["method"] for r in results} - measured)
     keys = sorted({(r["T"], r["D"]) for r in results})
     get = {(r["T"], r["D"], r["method"]): r for r in results}
     lines = ["Forward+backward time in ms (forward without grad in parentheses), B=8, H=8, "
@@ -152,7 +160,7 @@ def write_table(results, path, device):
         for n in names:
             r = get.get((T, D, n))
             if r is None or "fwd_bwd_ms" not in r:
-                cells.append("n/a" if r is None else "err")
+                cells.append("n/a" if r is None else "skip" if "skipped" in r else "err")
             else:
                 cells.append(f"{r['fwd_bwd_ms']:.2f} ({r['fwd_ms']:.2f})")
 
@@ -165,8 +173,15 @@ def write_table(results, path, device):
         lines.append(f"| {T} | {D} | " + " | ".join(cells) + f" | "
                      f"{ratio('cuda_delta_fp32', 'fla_fused_recurrent_fp32')} | "
                      f"{ratio('auto_delta_bf16', 'sdpa_flash_bf16')} |")
+    if unmeasured:  # a column with no number at all is left out, and named here
+        lines += ["", "Not measured (time budget or error, see bench.json): " + ", ".join(unmeasured)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def dump(meta, results, out):
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
 
 
 def main(argv=None):
@@ -197,11 +212,16 @@ def main(argv=None):
 
     t_start = time.time()
     results = []
-    for T in args.T:
-        for D in args.D:
-            for name, (make, dtype, layout) in methods(fla_ops).items():
-                if args.only and name not in args.only:
-                    continue
+    # Method by method in PRIORITY order (each over every shape), so that a budget that runs out
+    # costs the least important columns, not the largest T.
+    table = methods(fla_ops)
+    order = [n for n in PRIORITY if n in table] + [n for n in table if n not in PRIORITY]
+    for name in order:
+        make, dtype, layout = table[name]
+        if args.only and name not in args.only:
+            continue
+        for T in args.T:
+            for D in args.D:
                 rec = {"method": name, "T": T, "D": D, "dtype": str(dtype).replace("torch.", "")}
                 if time.time() - t_start > args.budget_s:
                     rec["skipped"] = "time budget"
@@ -217,9 +237,9 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                 results.append(rec)
                 print(json.dumps(rec), flush=True)
+                dump(meta, results, args.out)  # after each run: a killed benchmark keeps its numbers
 
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+    dump(meta, results, args.out)
     write_table(results, os.path.join(args.out, "bench.md"), meta["device"])
     print(open(os.path.join(args.out, "bench.md")).read())
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download to .whl/ the wheels the lent H200 lacks (cp312, manylinux x86_64; it has no network):
-# flash-linear-attention and fla-core for the GPU benchmark's baselines. torch, triton, einops,
-# numpy and pytest are already on that machine; the GPU tests import only fwp_fairseq.ops, so no
-# fairseq is needed. Run here, from the repo root; .whl/ is git-ignored.
+# flash-linear-attention and fla-core for the GPU benchmark's baselines, and fairseq (ve-fairseq
+# with hydra-core, omegaconf, antlr4-python3-runtime, bitarray) for scripts/gpu_recipes.sh.
+# torch, triton, einops, numpy, sacrebleu, sentencepiece and pytest are already on that machine;
+# the GPU tests import only fwp_fairseq.ops. Run here, from the repo root; .whl/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,6 +21,10 @@ if [ -n "$FLA_VERSION" ]; then
 else
   get flash-linear-attention fla-core
 fi
+# fairseq for the recipe runs; antlr4-python3-runtime 4.9.3 (omegaconf 2.x) is an sdist only, so
+# it is built into a pure-Python wheel here.
+get ve-fairseq==0.12.3 hydra-core==1.3.8 omegaconf==2.3.1 bitarray==3.12.3
+"$PY" -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl
 # Print what the wheels require, so a missing dependency is visible here rather than there.
 for w in .whl/*.whl; do
   echo "$(basename "$w"):"

@@ -2,9 +2,12 @@
 # One-shot GPU check for a fresh lent H200 (issue 4), run from the repo root with $OUT set:
 #   1. installs the carried wheels in .whl/ (flash-linear-attention, fla-core) into /tmp/site,
 #   2. builds the CUDA extension just in time for sm_90 (ninja),
-#   3. runs tests/test_cuda_ops.py and the ops tests,
-#   4. runs benchmarks/gpu_ops.py,
+#   3. runs benchmarks/gpu_ops.py,
+#   4. runs tests/test_cuda_ops.py and the ops tests,
 # and writes $OUT/results.json, $OUT/table.md and $OUT/log.txt, all inside about 8 minutes.
+# GPU_CHECK_ALONGSIDE="command" (e.g. "bash scripts/gpu_recipes.sh") runs next to steps 2 and 4
+# in a session of its own, is paused (SIGSTOP) while the benchmark runs so that the timings are
+# the GPU's alone, and is waited for (at most until GPU_CHECK_TOTAL_S) at the end.
 # Prepare here first: scripts/fetch_gpu_wheels.sh (then carry .whl).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,6 +39,26 @@ else
   echo "no .whl/ carried: the fla baselines will be skipped"
 fi
 
+ALONG_SID=""
+if [ -n "${GPU_CHECK_ALONGSIDE:-}" ]; then
+  echo "== alongside: $GPU_CHECK_ALONGSIDE (t=$(elapsed)s)"
+  rm -f /tmp/alongside.sid
+  # the session's id is its first process's pid, which that bash writes down itself
+  RECIPES_DEADLINE=$(( T0 + TOTAL_S - 25 )) OUT="$OUT" setsid bash -c \
+    "echo \$\$ >/tmp/alongside.sid; exec bash -c \"\$0\"" "$GPU_CHECK_ALONGSIDE" >/tmp/alongside.log 2>&1 &
+  for _ in $(seq 50); do [ -s /tmp/alongside.sid ] && break; sleep 0.1; done
+  ALONG_SID=$(cat /tmp/alongside.sid 2>/dev/null)
+fi
+along() {  # along STOP|CONT|TERM: signal every process of the alongside session
+  [ -n "$ALONG_SID" ] || return 0
+  local f s
+  for f in /proc/[0-9]*/stat; do   # field 6 of stat is the session id (after "pid (comm) ")
+    s=$(sed 's/.*) //' "$f" 2>/dev/null | cut -d' ' -f4)
+    [ "$s" = "$ALONG_SID" ] && kill "-$1" "$(basename "$(dirname "$f")")" 2>/dev/null
+  done
+  return 0
+}
+
 echo "== build (t=$(elapsed)s)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
@@ -50,27 +73,43 @@ print('cuda_available:', ok, why, f'({time.time() - t:.0f} s)')
 sys.exit(0 if ok else 1)"
 BUILD_RC=$?
 BUILD_S=$(elapsed)
-
-echo "== tests (t=$(elapsed)s)"
-TEST_RC=-1
-if [ $BUILD_RC -eq 0 ]; then
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$OUT/pytest.xml" \
-    tests/test_cuda_ops.py tests/test_ops_*.py
-  TEST_RC=$?
+if [ $BUILD_RC -ne 0 ] && [ -n "$ALONG_SID" ]; then
+  # without the extension this check has failed: end now, leaving the device time for a rerun
+  echo "build failed: stopping the alongside job"; along TERM; ALONG_SID=""
 fi
-TEST_S=$(elapsed)
 
 echo "== benchmark (t=$(elapsed)s)"
 BENCH_RC=-1
 if [ $BUILD_RC -eq 0 ]; then
-  LEFT=$(( TOTAL_S - $(elapsed) ))
-  BUDGET=$(( LEFT - 60 ))   # the budget stops new runs; the last one and the writing need time
-  if [ $BUDGET -gt 20 ]; then
-    timeout $(( LEFT > 30 ? LEFT : 30 )) "$PY" benchmarks/gpu_ops.py --out "$OUT" --budget-s "$BUDGET"
+  # the budget stops new runs; the last one and the writing need time (tests need ~150 s after)
+  BUDGET=${GPU_CHECK_BENCH_S:-$(( TOTAL_S - $(elapsed) - 220 ))}
+  if [ "$BUDGET" -gt 20 ]; then
+    along STOP
+    timeout $(( BUDGET + 60 )) "$PY" benchmarks/gpu_ops.py --out "$OUT" --budget-s "$BUDGET"
     BENCH_RC=$?
+    along CONT
   else
     echo "no time left for the benchmark"
   fi
+fi
+
+echo "== tests (t=$(elapsed)s)"
+TEST_RC=-1
+if [ $BUILD_RC -eq 0 ]; then
+  # a hung test fails alone (pytest-timeout, where installed) instead of losing the report
+  PER_TEST=(); "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 60)
+  LEFT=$(( TOTAL_S - $(elapsed) - 15 ))
+  timeout $(( LEFT < 150 ? (LEFT > 30 ? LEFT : 30) : 150 )) "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+    "${PER_TEST[@]}" --junitxml="$OUT/pytest.xml" tests/test_cuda_ops.py tests/test_ops_*.py
+  TEST_RC=$?
+fi
+TEST_S=$(elapsed)
+
+if [ -n "$ALONG_SID" ]; then
+  echo "== waiting for the alongside job (t=$(elapsed)s)"
+  while kill -0 "$ALONG_SID" 2>/dev/null && [ "$(elapsed)" -lt $(( TOTAL_S - 5 )) ]; do sleep 2; done
+  kill -0 "$ALONG_SID" 2>/dev/null && { echo "alongside job still running: stopped"; along TERM; }
+  cat /tmp/alongside.log
 fi
 
 echo "== summary (t=$(elapsed)s)"

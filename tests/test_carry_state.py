@@ -282,3 +282,15 @@ def test_distributed_training_two_workers(data_dir):
     assert "worker 0 of 2: streams 0..0 of 2" in out  # validation: one stream per worker
     assert "bsz=6, num_updates=3" in out  # both workers' streams in every update
     assert (save / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.slow
+def test_drift_script_matches_eval_lm(data_dir, checkpoint):
+    """examples/language_model/carry_state_drift.py: its whole-split loss is fairseq-eval-lm's."""
+    script = os.path.join(os.path.dirname(PKG), "examples", "language_model", "carry_state_drift.py")
+    out = run("carry_state_drift.py", cmd=[sys.executable, script, str(checkpoint), "--data", str(data_dir),
+                                           "--split", "test", "--tokens-per-sample", "16", "--bin-segments", "2"])
+    m = re.search(r"whole split: ([0-9.]+) bits", out)
+    assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
+    want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state")
+    assert float(m.group(1)) == pytest.approx(want, abs=1e-4)

@@ -174,7 +174,7 @@ def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
 
 
 @pytest.mark.gpu
-def test_gradient_only_to_somepositive_inputs(cuda):
+def test_gradient_to_some_inputs_only(cuda):
     q, k, v, beta, h0 = positive_inputs(1, 2, 40, 16, 16, device=cuda)
     v.requires_grad_(True)
     o, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")

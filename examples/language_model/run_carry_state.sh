@@ -14,6 +14,7 @@
 #                   --fwp-carry-state); evaluated as one stream: each character once, all context
 #   linear_carry    linear transformer (sum rule + attention normaliser), carried state
 #   linear          linear transformer, independent segments, sliding window
+#   dpfp_delta, dpfp_delta_carry   the Delta Net with the DPFP map (nu=1), without / with carry
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
 # Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
@@ -39,7 +40,8 @@ row_args() {  # the model flags of a row
     case $1 in
         deltanet|deltanet_carry) echo "--fwp-kernel linear --fwp-update delta" ;;
         linear|linear_carry) echo "--fwp-kernel linear --fwp-update sum" ;;
-        *) echo "error: unknown row $1 (deltanet deltanet_carry linear_carry linear)" >&2; return 1 ;;
+        dpfp_delta|dpfp_delta_carry) echo "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta" ;;
+        *) echo "error: unknown row $1 (deltanet deltanet_carry linear_carry linear dpfp_delta dpfp_delta_carry)" >&2; return 1 ;;
     esac
 }
 

@@ -76,7 +76,7 @@ for row in "${ROWS[@]}"; do
     # H-<id>: hypotheses, detokenised by --remove-bpe sentencepiece; restore test order.
     grep '^H-' "$dir/generate.out" | sed 's/^H-//' | sort -n -k1,1 | cut -f3 >"$dir/hyp.en"
     if grep -q '<unk>' "$dir/hyp.en"; then echo "warning: <unk> in $row hypotheses" >&2; fi
-    bleu=$(sacrebleu "$REF" -i "$dir/hyp.en" -b)
+    bleu=$(python3 -m sacrebleu "$REF" -i "$dir/hyp.en" -b)
     line="| $row | \`$args\` | $params | $updates | $((secs / 60)) min | $bleu |"
     echo "$line" | tee -a "$OUT/table.md"
 done
