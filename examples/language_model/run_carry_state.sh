@@ -20,10 +20,7 @@
 # Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per segment)  BATCH (32: segments / streams per update)  SEED (1)
 #   THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
-[[ -x .venv/bin/python ]] && export PATH="$ROOT/.venv/bin:$PATH"
+source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
 
 DATA=${DATA:-data-bin/tinyshakespeare}
 OUT=${OUT:-results/carry_state}
@@ -31,10 +28,9 @@ MAX_UPDATE=${MAX_UPDATE:-2000}
 CONTEXT=${CONTEXT:-256}
 BATCH=${BATCH:-32}
 SEED=${SEED:-1}
-export OMP_NUM_THREADS=${THREADS:-2}
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
-[[ -f "$DATA/dict.txt" ]] || { echo "error: no Tiny Shakespeare data in $DATA; run data-scripts/prepare-tinyshakespeare.sh first" >&2; exit 1; }
+need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
 row_args() {  # the model flags of a row
     case $1 in
@@ -62,15 +58,11 @@ ppl() {  # ppl ROW CKPT SUBSET LOG
         *) eval_args="--task language_modeling --tokens-per-sample $CONTEXT --context-window $((CONTEXT * 3 / 4)) --batch-size 16" ;;
     esac
     # shellcheck disable=SC2086
-    fairseq-eval-lm "$DATA" --user-dir fwp_fairseq --path "$2" --gen-subset "$3" $eval_args \
-        --num-workers 0 2>&1 | tee "$4" | grep -o 'Perplexity: [0-9.]*' | tail -1 | grep -o '[0-9.]*$'
+    eval_lm_ppl "$4" "$DATA" --user-dir fwp_fairseq --path "$2" --gen-subset "$3" $eval_args
 }
 
 mkdir -p "$OUT"
-[[ -f "$OUT/table.md" ]] || {
-    echo "| row | fwp options | carried state | params | updates | train time | valid ppl | test ppl | test bits/char |" >"$OUT/table.md"
-    echo "|---|---|---|---|---|---|---|---|---|" >>"$OUT/table.md"
-}
+table_header "$OUT/table.md" "| row | fwp options | carried state | params | updates | train time | valid ppl | test ppl | test bits/char |"
 
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
@@ -92,12 +84,11 @@ for row in "${ROWS[@]}"; do
         --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
         2>&1 | tee "$dir/train.log"
     secs=$(( $(date +%s) - start ))
-    params=$(grep -o 'num. shared model params: [0-9,]*' "$dir/train.log" | head -1 | grep -o '[0-9,]*$' || echo "?")
-    updates=$(grep -o 'num_updates [0-9]*' "$dir/train.log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+    read -r params updates < <(train_stats "$dir/train.log")
     ckpt="$dir/checkpoints/checkpoint_last.pt"
     valid=$(ppl "$row" "$ckpt" valid "$dir/eval_valid.log")
     test=$(ppl "$row" "$ckpt" test "$dir/eval_test.log")
-    bpc=$(python3 -c "import math; print(f'{math.log2(float(\"$test\")):.3f}')" 2>/dev/null || echo "?")
+    bpc=$(bits_of "$test")
     carry=$([[ $row == *_carry ]] && echo yes || echo no)
     line="| $row | \`$args\` | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
     echo "$line" | tee -a "$OUT/table.md"

@@ -11,10 +11,7 @@
 #   DATA (data-bin/tinyshakespeare)  OUT (results/tinyshakespeare)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per training sample)  DPFP_NU (1)  SEED (1)  THREADS (2)
 #   EXTRA_ARGS (appended to fairseq-train)
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
-[[ -x .venv/bin/python ]] && export PATH="$ROOT/.venv/bin:$PATH"
+source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
 
 DATA=${DATA:-data-bin/tinyshakespeare}
 OUT=${OUT:-results/tinyshakespeare}
@@ -22,10 +19,9 @@ MAX_UPDATE=${MAX_UPDATE:-2000}
 CONTEXT=${CONTEXT:-256}
 DPFP_NU=${DPFP_NU:-1}
 SEED=${SEED:-1}
-export OMP_NUM_THREADS=${THREADS:-2}
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(softmax linear deltanet dpfp_delta)
-[[ -f "$DATA/dict.txt" ]] || { echo "error: no Tiny Shakespeare data in $DATA; run data-scripts/prepare-tinyshakespeare.sh first" >&2; exit 1; }
+need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
 row_args() {
     # fwp_lm defaults to the delta rule: spell the rule out on every row.
@@ -41,16 +37,12 @@ row_args() {
 ppl() {  # ppl CKPT SUBSET LOG: sliding windows of CONTEXT tokens, each scoring its last
     # quarter, so every scored character sees >= 3/4 CONTEXT of context. (fairseq-eval-lm's
     # --tokens-per-sample is the whole window; it scores tokens-per-sample - context-window.)
-    fairseq-eval-lm "$DATA" --user-dir fwp_fairseq --task language_modeling --path "$1" --gen-subset "$2" \
-        --tokens-per-sample "$CONTEXT" --context-window $((CONTEXT * 3 / 4)) \
-        --batch-size 16 --num-workers 0 2>&1 | tee "$3" | grep -o 'Perplexity: [0-9.]*' | tail -1 | grep -o '[0-9.]*$'
+    eval_lm_ppl "$3" "$DATA" --user-dir fwp_fairseq --task language_modeling --path "$1" --gen-subset "$2" \
+        --tokens-per-sample "$CONTEXT" --context-window $((CONTEXT * 3 / 4)) --batch-size 16
 }
 
 mkdir -p "$OUT"
-[[ -f "$OUT/table.md" ]] || {
-    echo "| model | fwp options | params | updates | train time | valid ppl | test ppl | test bits/char |" >"$OUT/table.md"
-    echo "|---|---|---|---|---|---|---|---|" >>"$OUT/table.md"
-}
+table_header "$OUT/table.md" "| model | fwp options | params | updates | train time | valid ppl | test ppl | test bits/char |"
 
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
@@ -71,12 +63,11 @@ for row in "${ROWS[@]}"; do
         --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
         2>&1 | tee "$dir/train.log"
     secs=$(( $(date +%s) - start ))
-    params=$(grep -o 'num. shared model params: [0-9,]*' "$dir/train.log" | head -1 | grep -o '[0-9,]*$' || echo "?")
-    updates=$(grep -o 'num_updates [0-9]*' "$dir/train.log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+    read -r params updates < <(train_stats "$dir/train.log")
     ckpt="$dir/checkpoints/checkpoint_last.pt"
     valid=$(ppl "$ckpt" valid "$dir/eval_valid.log")
     test=$(ppl "$ckpt" test "$dir/eval_test.log")
-    bpc=$(python3 -c "import math; print(f'{math.log2(float(\"$test\")):.3f}')" 2>/dev/null || echo "?")
+    bpc=$(bits_of "$test")
     line="| $row | \`$args\` | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
     echo "$line" | tee -a "$OUT/table.md"
 done

@@ -10,10 +10,7 @@
 #   DATA (data-bin/multi30k)  OUT (results/multi30k)  MAX_UPDATE (1800)  FFN (512)
 #   DPFP_NU (2)  SEED (1)  THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
 #   GEN_ARGS (appended to fairseq-generate)
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
-[[ -x .venv/bin/python ]] && export PATH="$ROOT/.venv/bin:$PATH"
+source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
 
 DATA=${DATA:-data-bin/multi30k}
 OUT=${OUT:-results/multi30k}
@@ -21,10 +18,9 @@ MAX_UPDATE=${MAX_UPDATE:-1800}
 FFN=${FFN:-512}
 DPFP_NU=${DPFP_NU:-2}
 SEED=${SEED:-1}
-export OMP_NUM_THREADS=${THREADS:-2}
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(softmax linear dpfp delta)
-[[ -f "$DATA/dict.de.txt" ]] || { echo "error: no Multi30k data in $DATA; run data-scripts/prepare-multi30k.sh first" >&2; exit 1; }
+need_data "$DATA/dict.de.txt" Multi30k prepare-multi30k.sh
 
 row_args() {
     case $1 in
@@ -41,10 +37,7 @@ mkdir -p "$OUT"
 # The reference: the raw (detokenised) English side of test_2016_flickr.
 REF="$OUT/test_2016_flickr.en"
 zcat "$DATA/raw/test_2016_flickr.en.gz" >"$REF"
-[[ -f "$OUT/table.md" ]] || {
-    echo "| model | fwp options | params | updates | train time | test_2016_flickr sacreBLEU (beam 5) |" >"$OUT/table.md"
-    echo "|---|---|---|---|---|---|" >>"$OUT/table.md"
-}
+table_header "$OUT/table.md" "| model | fwp options | params | updates | train time | test_2016_flickr sacreBLEU (beam 5) |"
 
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
@@ -67,8 +60,7 @@ for row in "${ROWS[@]}"; do
         --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
         2>&1 | tee "$dir/train.log"
     secs=$(( $(date +%s) - start ))
-    params=$(grep -o 'num. shared model params: [0-9,]*' "$dir/train.log" | head -1 | grep -o '[0-9,]*$' || echo "?")
-    updates=$(grep -o 'num_updates [0-9]*' "$dir/train.log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+    read -r params updates < <(train_stats "$dir/train.log")
 
     fairseq-generate "$DATA" --user-dir fwp_fairseq --task translation --source-lang de --target-lang en \
         --path "$dir/checkpoints/checkpoint_last.pt" --gen-subset test \
