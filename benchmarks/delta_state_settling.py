@@ -1,12 +1,13 @@
 """How long a carried delta-rule state takes to settle, for each feature map (fwp_fairseq.ops only).
 
-    python benchmarks/delta_state_settling.py [--T 65536] [--d 64] [--beta 0.5] [--out DIR]
+    python benchmarks/delta_state_settling.py [--T 65536] [--d 16 32 64] [--beta 0.5] [--out DIR]
 
-One head, keys = sum-normalised phi(x) with x ~ N(0, I_d), values correlated with x
+One head of each size d, keys = sum-normalised phi(x) with x ~ N(0, I_d), values correlated with x
 (v = x M + noise, as when both come from the same input), constant beta; the state S is carried
 over T steps in segments, and its Frobenius norm is printed after 256, 512, ... steps. A norm that
 is still growing at T means the state has not settled: old content along rarely written key
-directions is erased too slowly (see the README, "Fast weights carried across segments").
+directions is erased too slowly (see the README, "Fast weights carried across segments"). The
+smaller the head, the larger each sum-normalised key (|k|^2 >= 1/d) and the sooner it settles.
 """
 import argparse
 import json
@@ -17,13 +18,24 @@ import torch.nn.functional as F
 
 from fwp_fairseq.ops import fast_weight_delta
 
+def _elu1(x):
+    return F.elu(x) + 1
+
+
+def _dpfp1(x):
+    r = torch.cat([F.relu(x), F.relu(-x)], -1)
+    return r * torch.roll(r, 1, -1)
+
+
+# name: (phi, normalisation of phi); "sum" is the paper's, "l2" is --fwp-l2-normalize.
 FEATURES = {
-    "linear (elu+1)": lambda x: F.elu(x) + 1,
-    "dpfp nu=1": lambda x: (lambda r: r * torch.roll(r, 1, -1))(torch.cat([F.relu(x), F.relu(-x)], -1)),
+    "linear (elu+1)": (_elu1, "sum"),
+    "dpfp nu=1": (_dpfp1, "sum"),
+    "linear (elu+1), L2": (_elu1, "l2"),
 }
 
 
-def settle(phi, T, d, beta, seed=0, segment=4096):
+def settle(phi, T, d, beta, seed=0, segment=4096, norm="sum"):
     """{t: |S| after t steps} for t = 256, 512, ... and T."""
     g = torch.Generator().manual_seed(seed)
     M = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
@@ -32,7 +44,7 @@ def settle(phi, T, d, beta, seed=0, segment=4096):
         n = min(segment, mark - done, T - done)  # stop at every reporting point
         x = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
         k = phi(x)
-        k = k / (k.sum(-1, keepdim=True) + 1e-6)
+        k = k / ((k.sum(-1, keepdim=True) if norm == "sum" else k.norm(dim=-1, keepdim=True)) + 1e-6)
         v = x @ M + 0.5 * torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
         b = torch.full((1, 1, n), beta, dtype=torch.float64)
         _, S = fast_weight_delta(k, k, v, b, initial_state=S, output_final_state=True, impl="chunked")
@@ -47,14 +59,15 @@ def settle(phi, T, d, beta, seed=0, segment=4096):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--T", type=int, default=65536)
-    ap.add_argument("--d", type=int, default=64, help="head dimension (d_key)")
+    ap.add_argument("--d", type=int, nargs="+", default=[16, 32, 64], help="head dimensions (d_key)")
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--out", default=None, help="also write settling.json and settling.md here")
     args = ap.parse_args(argv)
-    res = {name: settle(phi, args.T, args.d, args.beta) for name, phi in FEATURES.items()}
+    res = {f"{name}, d={d}": settle(phi, args.T, d, args.beta, norm=norm)
+           for d in args.d for name, (phi, norm) in FEATURES.items()}
     steps = sorted({t for r in res.values() for t in r})
-    lines = [f"|S| of a carried delta-rule state (d={args.d}, beta={args.beta}, fp64) after t steps", "",
-             "| feature map | " + " | ".join(str(t) for t in steps) + " |",
+    lines = [f"|S| of a carried delta-rule state (one head, beta={args.beta}, fp64) after t steps", "",
+             "| feature map, head dim | " + " | ".join(str(t) for t in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for name, r in res.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[t]:.1f}" for t in steps) + " |")

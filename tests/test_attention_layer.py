@@ -63,6 +63,36 @@ def test_causal_matches_the_papers_recurrence(kernel, update, norm):
     assert weights is None
 
 
+@pytest.mark.parametrize("kernel", ["linear", "dpfp", "performer", "identity"])
+@pytest.mark.parametrize("update", ["sum", "delta"])
+def test_l2_normalised_features(kernel, update):
+    """--fwp-l2-normalize: phi(k), phi(q) of unit length (instead of unit sum), the same
+    recurrence, and the incremental (generation) path agrees with the full one."""
+    a = layer(causal=True, kernel=kernel, update=update, l2_normalize=True, performer_features=4)
+    assert a.l2_normalize and not a.sum_normalize
+    assert a.attn_normalize == (update == "sum" and kernel != "identity")
+    x = x_(9, 2)
+    with torch.no_grad():
+        k = a._phi(a._heads(a.k_proj(x), 2))
+        torch.testing.assert_close(k.norm(dim=-1), torch.ones_like(k[..., 0]))
+        full = a(x, x, x)[0]
+        torch.testing.assert_close(full, naive_causal(a, x), atol=1e-9, rtol=1e-7)
+        state = {}
+        steps = torch.cat([a(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)[0] for t in range(9)])
+    torch.testing.assert_close(steps, full)
+
+
+def test_identity_features_are_the_projections():
+    """--fwp-kernel identity: phi(x) = x, no normalisation of any kind unless asked for."""
+    a = layer(causal=True, kernel="identity", update="delta")
+    assert not (a.sum_normalize or a.l2_normalize or a.attn_normalize)
+    x = x_(5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(a._phi(a._heads(a.k_proj(x), 2)), a._heads(a.k_proj(x), 2))
+        torch.testing.assert_close(a(x, x, x)[0], naive_causal(a, x), atol=1e-9, rtol=1e-7)
+    assert not layer(kernel="identity").attn_normalize  # non-causal (sum rule) too
+
+
 @pytest.mark.parametrize("norm", [False, True])
 def test_noncausal_reads_after_all_writes(norm):
     a = layer(kernel="linear", attn_normalize=norm)
@@ -172,7 +202,10 @@ def test_gradients_flow_to_every_parameter():
     (dict(embed_dim=15, num_heads=2), "divisible"),
     (dict(kernel="cosine"), "kernel"),
     (dict(update="oja"), "update"),
-    (dict(kernel="performer", sum_normalize=False), "sum-normalised"),
+    (dict(kernel="performer", sum_normalize=False), "performer features must be normalised"),
+    (dict(sum_normalize=True, l2_normalize=True), "pick one"),
+    (dict(kernel="identity", sum_normalize=True), "signed"),
+    (dict(kernel="identity", causal=True, attn_normalize=True), "signed"),
     (dict(causal=True, self_attention=False, encoder_decoder_attention=True), "causal"),
 ])
 def test_bad_construction_is_a_clear_error(kwargs, message):

@@ -37,9 +37,12 @@ def test_benchmark_priority_covers_every_method():
 
 def test_delta_state_settling_reports_each_doubling(tmp_path):
     settling = _load("delta_state_settling")
-    norms = settling.settle(settling.FEATURES["linear (elu+1)"], T=1500, d=8, beta=0.5, segment=300)
+    norms = settling.settle(settling.FEATURES["linear (elu+1)"][0], T=1500, d=8, beta=0.5, segment=300)
     assert sorted(norms) == [256, 512, 1024, 1500]
     assert all(v > 0 for v in norms.values())
-    settling.main(["--T", "600", "--d", "8", "--out", str(tmp_path)])
-    assert "| feature map | 256 | 512 | 600 |" in (tmp_path / "settling.md").read_text()
+    settling.main(["--T", "600", "--d", "4", "8", "--out", str(tmp_path)])
+    text = (tmp_path / "settling.md").read_text()
+    assert "| feature map, head dim | 256 | 512 | 600 |" in text
+    assert "| linear (elu+1), d=4 |" in text and "| dpfp nu=1, d=8 |" in text
+    assert "| linear (elu+1), L2, d=8 |" in text
 

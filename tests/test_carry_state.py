@@ -143,6 +143,7 @@ def perplexity(task, model, split, T):
 
 
 @pytest.mark.parametrize("fwp", [["--fwp-kernel", "linear", "--fwp-update", "delta"],
+                                 ["--fwp-kernel", "linear", "--fwp-update", "delta", "--fwp-l2-normalize"],
                                  ["--fwp-kernel", "dpfp", "--fwp-update", "sum"]])
 def test_eval_does_not_depend_on_segment_length(data_dir, fwp):
     task, model = setup(data_dir, *fwp)

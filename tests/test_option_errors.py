@@ -27,6 +27,9 @@ def opts(**kw):
     (dict(kernel="performer", performer_features=0), "--fwp-performer-features"),
     (dict(kernel="performer", no_sum_normalize=True), "--fwp-no-sum-normalize"),
     (dict(sum_normalize=True, no_sum_normalize=True), "--fwp-sum-normalize"),
+    (dict(sum_normalize=True, l2_normalize=True), "--fwp-sum-normalize"),
+    (dict(kernel="identity", sum_normalize=True), "--fwp-sum-normalize"),
+    (dict(kernel="identity", attn_normalize=True), "--fwp-attn-normalize"),
     (dict(attn_normalize=True, no_attn_normalize=True), "--fwp-attn-normalize"),
 ])
 def test_bad_combination_is_one_line_naming_the_flag(kw, flag):
@@ -87,3 +90,11 @@ def test_cli_rejects_unknown_kernel_and_cuda_on_cpu(tmp_path):
     assert "argument --fwp-kernel: invalid choice" in last, last
     last = _train_fails(tmp_path, "--fwp-impl", "cuda")
     assert last.startswith("ValueError: --fwp-impl: 'cuda' needs a CUDA GPU"), last
+
+
+def test_l2_normalize_replaces_sum_normalisation():
+    o = fwp_options(opts(update="delta", l2_normalize=True))
+    assert o.l2_normalize and o.sum_normalize is None  # the layer turns sum normalisation off
+    # performer needs its features normalised: L2 instead of sum is fine
+    o = fwp_options(opts(kernel="performer", no_sum_normalize=True, l2_normalize=True))
+    assert o.l2_normalize and o.sum_normalize is False

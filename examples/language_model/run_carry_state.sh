@@ -15,10 +15,17 @@
 #   linear_carry    linear transformer (sum rule + attention normaliser), carried state
 #   linear          linear transformer, independent segments, sliding window
 #   dpfp_delta, dpfp_delta_carry   the Delta Net with the DPFP map (nu=1), without / with carry
+#   deltanet_l2, deltanet_l2_carry, ...   any of the above with _l2 before _carry: phi(k), phi(q)
+#                   L2-normalised instead of sum-normalised (--fwp-l2-normalize; not in the paper)
+#   identity_delta_l2, identity_delta_l2_carry   phi(x) = x, L2-normalised: the Delta Net as
+#                   flash-linear-attention builds it (not in the paper)
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
 # Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per segment)  BATCH (32: segments / streams per update)  SEED (1)
+#   HEADS (4: attention heads of the 256-dim model; the paper's medium WikiText-103 model has
+#   8 heads of 32; see benchmarks/delta_state_settling.py for how the head size affects how
+#   fast a carried state settles)
 #   THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
 source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
 
@@ -28,16 +35,20 @@ MAX_UPDATE=${MAX_UPDATE:-2000}
 CONTEXT=${CONTEXT:-256}
 BATCH=${BATCH:-32}
 SEED=${SEED:-1}
+HEADS=${HEADS:-4}
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
-row_args() {  # the model flags of a row
-    case $1 in
-        deltanet|deltanet_carry) echo "--fwp-kernel linear --fwp-update delta" ;;
-        linear|linear_carry) echo "--fwp-kernel linear --fwp-update sum" ;;
-        dpfp_delta|dpfp_delta_carry) echo "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta" ;;
-        *) echo "error: unknown row $1 (deltanet deltanet_carry linear_carry linear dpfp_delta dpfp_delta_carry)" >&2; return 1 ;;
+row_args() {  # the model flags of a row: MODEL[_l2][_carry]
+    local base=${1%_carry} l2=""
+    [[ $base == *_l2 ]] && { base=${base%_l2}; l2=" --fwp-l2-normalize"; }
+    case $base in
+        deltanet) echo "--fwp-kernel linear --fwp-update delta$l2" ;;
+        linear) echo "--fwp-kernel linear --fwp-update sum$l2" ;;
+        dpfp_delta) echo "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta$l2" ;;
+        identity_delta) echo "--fwp-kernel identity --fwp-update delta$l2" ;;
+        *) echo "error: unknown row $1 (deltanet linear dpfp_delta identity_delta, each optionally + _l2, then + _carry)" >&2; return 1 ;;
     esac
 }
 
@@ -62,7 +73,7 @@ ppl() {  # ppl ROW CKPT SUBSET LOG
 }
 
 mkdir -p "$OUT"
-table_header "$OUT/table.md" "| row | fwp options | carried state | params | updates | train time | valid ppl | test ppl | test bits/char |"
+table_header "$OUT/table.md" "| row | fwp options | heads | carried state | params | updates | train time | valid ppl | test ppl | test bits/char |"
 
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
@@ -73,7 +84,7 @@ for row in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     fairseq-train "$DATA" --user-dir fwp_fairseq $targs \
         --arch fwp_lm $args --no-token-positional-embeddings \
-        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 --decoder-attention-heads 4 \
+        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 --decoder-attention-heads "$HEADS" \
         --decoder-input-dim 256 --decoder-output-dim 256 \
         --share-decoder-input-output-embed --dropout 0.1 \
         --tokens-per-sample "$CONTEXT" \
@@ -90,7 +101,7 @@ for row in "${ROWS[@]}"; do
     test=$(ppl "$row" "$ckpt" test "$dir/eval_test.log")
     bpc=$(bits_of "$test")
     carry=$([[ $row == *_carry ]] && echo yes || echo no)
-    line="| $row | \`$args\` | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
+    line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
     echo "$line" | tee -a "$OUT/table.md"
 done
 echo "Table: $OUT/table.md"

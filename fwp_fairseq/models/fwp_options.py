@@ -11,7 +11,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
-KERNELS = ("softmax", "linear", "performer", "dpfp")
+KERNELS = ("softmax", "linear", "performer", "dpfp", "identity")
 UPDATES = ("sum", "delta")
 IMPLS = ("auto", "reference", "chunked", "cuda")
 
@@ -23,7 +23,9 @@ class FwpFields(FairseqDataclass):
     fwp_kernel: ChoiceEnum(KERNELS) = field(
         default="linear",
         metadata={"help": "feature map phi of the fast-weight attention; 'softmax' keeps "
-                          "fairseq's own MultiheadAttention (the baseline)"})
+                          "fairseq's own MultiheadAttention (the baseline); 'identity' (phi(x) = x, "
+                          "signed: no sum normalisation or attention normaliser; use it with "
+                          "--fwp-l2-normalize) is not in the paper"})
     fwp_update: ChoiceEnum(UPDATES) = field(
         default="sum",
         metadata={"help": "update rule of causal (decoder) self-attention; non-causal attention "
@@ -46,6 +48,11 @@ class FwpFields(FairseqDataclass):
     fwp_no_sum_normalize: bool = field(
         default=False, metadata={"help": "force sum normalisation of phi off (not allowed with "
                                          "performer, whose features are defined up to a factor)"})
+    fwp_l2_normalize: bool = field(
+        default=False, metadata={"help": "L2-normalise phi(k) and phi(q) instead of sum-normalising "
+                                         "them (not in the paper): each delta-rule write then fully "
+                                         "replaces the memory along its key at beta = 1, and a state "
+                                         "carried across segments settles"})
     fwp_impl: ChoiceEnum(IMPLS) = field(
         default="auto", metadata={"help": "implementation of the causal recurrence (fwp_fairseq.ops)"})
 
@@ -70,6 +77,7 @@ class FwpOptions:
     performer_features: int = 16
     attn_normalize: object = None  # None: per attention (on for the sum rule, off for delta)
     sum_normalize: object = None  # None: per attention (on for delta or performer)
+    l2_normalize: bool = False
     impl: str = "auto"
     seed: int = 1
     encoder_self_attn: bool = True
@@ -123,9 +131,20 @@ def fwp_options(args):
     if m < 1:
         raise ValueError(f"--fwp-performer-features: FAVOR+ needs m >= 1, got {m}")
     sum_norm = _tri_state(args, "fwp_sum_normalize", "fwp_no_sum_normalize", "sum normalisation")
-    if kernel == "performer" and sum_norm is False:
+    l2_norm = bool(get("fwp_l2_normalize", False))
+    if l2_norm and sum_norm:
+        raise ValueError("--fwp-sum-normalize and --fwp-l2-normalize contradict each other (phi is "
+                         "normalised one way)")
+    if kernel == "identity":
+        if sum_norm:
+            raise ValueError("--fwp-sum-normalize: identity features are signed and can sum to zero "
+                             "(use --fwp-l2-normalize)")
+        if bool(getattr(args, "fwp_attn_normalize", False)):
+            raise ValueError("--fwp-attn-normalize: identity features are signed, the normaliser "
+                             "z . phi(q) can be zero")
+    if kernel == "performer" and sum_norm is False and not l2_norm:
         raise ValueError("--fwp-no-sum-normalize: performer features are only defined up to a "
-                         "per-vector factor and must be sum-normalised")
+                         "per-vector factor and must be normalised (sum, or --fwp-l2-normalize)")
     if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
         # Fail before any data is loaded rather than at the first forward.
         raise ValueError("--fwp-impl: 'cuda' needs a CUDA GPU (none here, or --cpu); use auto, "
@@ -138,7 +157,7 @@ def fwp_options(args):
     return FwpOptions(
         kernel=kernel, update=update, dpfp_nu=nu, performer_features=m,
         attn_normalize=_tri_state(args, "fwp_attn_normalize", "fwp_no_attn_normalize", "attention normaliser"),
-        sum_normalize=sum_norm, impl=impl, seed=int(get("fwp_performer_seed", 1)),
+        sum_normalize=sum_norm, l2_normalize=l2_norm, impl=impl, seed=int(get("fwp_performer_seed", 1)),
         encoder_self_attn=not bool(get("fwp_softmax_encoder_self_attn", False)),
         decoder_self_attn=not bool(get("fwp_softmax_decoder_self_attn", False)),
         encoder_decoder_attn=not bool(get("fwp_softmax_encoder_decoder_attn", False)),
@@ -153,7 +172,7 @@ def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=F
         encoder_decoder_attention=cross, causal=causal, kernel=opts.kernel, update=opts.update,
         dpfp_nu=opts.dpfp_nu, performer_features=opts.performer_features,
         attn_normalize=opts.attn_normalize, sum_normalize=opts.sum_normalize,
-        seed=opts.seed * 10_007 + seed_offset, impl=opts.impl)
+        l2_normalize=opts.l2_normalize, seed=opts.seed * 10_007 + seed_offset, impl=opts.impl)
 
 
 def install_fast_weights(opts, encoder=None, decoder=None):

@@ -22,9 +22,9 @@ from torch import Tensor
 from fairseq.incremental_decoding_utils import with_incremental_state
 
 from ..ops import fast_weight_delta, fast_weight_read, fast_weight_state, fast_weight_sum
-from .feature_maps import FavorFeatureMap, build_feature_map, sum_normalize
+from .feature_maps import FavorFeatureMap, build_feature_map, l2_normalize, sum_normalize
 
-KERNELS = ("linear", "performer", "dpfp")
+KERNELS = ("linear", "performer", "dpfp", "identity")
 
 
 def _acc(x):
@@ -47,7 +47,7 @@ class FastWeightAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, kernel="linear", update="sum",
                  dpfp_nu=1, performer_features=16, attn_normalize=None, sum_normalize=None,
-                 seed=1, impl="auto", eps=1e-5):
+                 seed=1, impl="auto", eps=1e-5, l2_normalize=False):
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim: {embed_dim} must be divisible by num_heads ({num_heads})")
@@ -70,15 +70,32 @@ class FastWeightAttention(nn.Module):
         self.kernel = kernel
         # Non-causal attention writes every key before reading: the sum rule, whatever --fwp-update.
         self.update = update if causal else "sum"
-        self.attn_normalize = (self.update == "sum") if attn_normalize is None else bool(attn_normalize)
-        if sum_normalize is None:
+        # identity features are signed: a sum of them (sum normalisation, the normaliser z . phi(q))
+        # can be zero or negative, so neither applies to them.
+        signed = kernel == "identity"
+        if attn_normalize is None:
+            attn_normalize = self.update == "sum" and not signed
+        if signed and attn_normalize:
+            raise ValueError("attn_normalize: identity features are signed, z . phi(q) can be zero; "
+                             "turn the attention normaliser off")
+        self.attn_normalize = bool(attn_normalize)
+        if l2_normalize:
+            # An alternative to the paper's sum normalisation, not an addition to it.
+            if sum_normalize:
+                raise ValueError("sum_normalize and l2_normalize: phi is normalised one way, pick one")
+            sum_normalize = False
+        elif sum_normalize is None:
             # The paper sum-normalises with the delta rule and DPFP; performer always needs it.
-            sum_normalize = self.update == "delta" or kernel in ("performer", "dpfp")
-        if kernel == "performer" and not sum_normalize:
+            sum_normalize = not signed and (self.update == "delta" or kernel in ("performer", "dpfp"))
+        if signed and sum_normalize:
+            raise ValueError("sum_normalize: identity features are signed and can sum to zero; "
+                             "use l2_normalize")
+        if kernel == "performer" and not (sum_normalize or l2_normalize):
             # FavorFeatureMap subtracts a per-vector max before exp: features are only defined up
-            # to a positive per-vector factor, which sum normalisation removes.
-            raise ValueError("sum_normalize: performer features must be sum-normalised")
+            # to a positive per-vector factor, which normalising removes.
+            raise ValueError("sum_normalize: performer features must be normalised (sum or L2)")
         self.sum_normalize = bool(sum_normalize)
+        self.l2_normalize = bool(l2_normalize)
         self.impl = impl
         self.eps = eps
         self.feature_map = build_feature_map(kernel, self.head_dim, nu=dpfp_nu,
@@ -106,6 +123,7 @@ class FastWeightAttention(nn.Module):
     def extra_repr(self):
         return (f"kernel={self.kernel}, update={self.update}, causal={self.causal}, "
                 f"attn_normalize={self.attn_normalize}, sum_normalize={self.sum_normalize}, "
+                f"l2_normalize={self.l2_normalize}, "
                 f"d_dot={self.feature_map.out_dim}")
 
     # -- fairseq hooks -------------------------------------------------------------------
@@ -143,7 +161,10 @@ class FastWeightAttention(nn.Module):
         # FAVOR+ exponentiates, and the normalising sum runs over d_dot features.
         dtype = x.dtype
         x = self.feature_map(_acc(x))
-        x = sum_normalize(x, self.eps) if self.sum_normalize else x
+        if self.sum_normalize:
+            x = sum_normalize(x, self.eps)
+        elif self.l2_normalize:
+            x = l2_normalize(x, self.eps)
         return x.to(_core_dtype(dtype))
 
     def _check(self, query, key, value, key_padding_mask):

@@ -1,4 +1,5 @@
-"""Feature maps phi for keys and queries (../shared/PAPER.md section 3), and sum normalisation.
+"""Feature maps phi for keys and queries (../shared/PAPER.md section 3), and their normalisation
+(sum, as in the paper, or L2).
 
 Each map is an nn.Module with ``out_dim`` and forward(x: (..., head_dim)) -> (..., out_dim).
 No fairseq import: usable from plain PyTorch."""
@@ -16,6 +17,15 @@ def sum_normalize(x, eps=1e-6):
     return (xa / (xa.sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def l2_normalize(x, eps=1e-6):
+    """phi / |phi|_2 (in fp32 for half inputs). With |k| = 1 a delta-rule write with beta = 1
+    replaces what the memory held for k; after sum normalisation |k|^2 is only ~1/d_dot for
+    spread-out features, so each write corrects a small fraction of the error along k and a
+    carried state drifts for tens of thousands of steps (benchmarks/delta_state_settling.py)."""
+    xa = _acc(x)
+    return (xa / xa.norm(dim=-1, keepdim=True).clamp_min(eps)).to(x.dtype)  # exactly unit length
+
+
 def _acc(x):
     """fp32 for half inputs (fp64 stays fp64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -31,6 +41,20 @@ class LinearFeatureMap(nn.Module):
 
     def forward(self, x):
         return F.elu(x) + 1.0
+
+
+class IdentityFeatureMap(nn.Module):
+    """phi(x) = x, d_dot = head_dim: signed features (no sum normalisation, no attention
+    normaliser). With L2 normalisation this is the Delta Net as flash-linear-attention's
+    DeltaNet layer builds it (Yang et al. 2024, with identity for their SiLU); not in the paper."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.head_dim = head_dim
+        self.out_dim = head_dim
+
+    def forward(self, x):
+        return x
 
 
 class DPFPFeatureMap(nn.Module):
@@ -106,11 +130,13 @@ class FavorFeatureMap(nn.Module):
 
 
 def build_feature_map(kind, head_dim, nu=1, num_features=64, seed=1):
-    """kind: 'linear', 'dpfp' or 'performer'."""
+    """kind: 'linear', 'dpfp', 'performer' or 'identity'."""
     if kind == "linear":
         return LinearFeatureMap(head_dim)
+    if kind == "identity":
+        return IdentityFeatureMap(head_dim)
     if kind == "dpfp":
         return DPFPFeatureMap(head_dim, nu)
     if kind == "performer":
         return FavorFeatureMap(head_dim, num_features, seed)
-    raise ValueError(f"kind: expected one of 'linear', 'dpfp', 'performer', got {kind!r}")
+    raise ValueError(f"kind: expected one of 'linear', 'dpfp', 'performer', 'identity', got {kind!r}")

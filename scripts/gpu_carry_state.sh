@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 7 on one lent GPU: the carried-state rows of examples/language_model/run_carry_state.sh
+# for several head sizes at once (each HEADS value its own scripts/gpu_recipes.sh), then
+# carry_state_drift.py on every carried checkpoint: loss by position and |S| per layer along the
+# validation stream, as one stream (what fairseq-eval-lm scores) and as 2 streams (each shorter
+# than a training stream). Results (few files, as a lent machine returns at most 8):
+# $OUT/summary.md (tables and drift) and $OUT/carry.tar.gz (every row's logs, tables, drift).
+#
+#   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_carry_state.sh
+#
+# Environment: CARRY_HEADS ("8 16")  ROWS_H<HEADS> (the rows for that head count; default
+#   "deltanet deltanet_carry")  plus what gpu_recipes.sh and run_carry_state.sh read
+#   (RECIPES_DEADLINE, EVAL_MARGIN_S, MAX_UPDATE, ...).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+WORK=${CARRY_WORK:-/tmp/carry_study}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$WORK/drift"
+log() { echo "[carry $(date +%H:%M:%S)] $*"; }
+
+# Install the fairseq wheels once here: the parallel gpu_recipes.sh runs then find fairseq.
+if ! "$PY" -c "import fairseq" 2>/dev/null && compgen -G ".whl/ve_fairseq-*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fsite \
+    .whl/ve_fairseq-*.whl .whl/hydra_core-*.whl .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl \
+    .whl/bitarray-*.whl
+  export PYTHONPATH="/tmp/fsite${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/fsite/bin:$PATH"
+fi
+
+pids=()
+for h in ${CARRY_HEADS:-8 16}; do
+  rows_var="ROWS_H$h"
+  HEADS=$h RECIPES=carry_state CARRY_STATE_ROWS="${!rows_var:-deltanet deltanet_carry}" \
+    RECIPES_WORK="/tmp/recipes_h$h" OUT="$WORK/h$h" bash scripts/gpu_recipes.sh >"$WORK/h$h.log" 2>&1 &
+  pids+=($!)
+  log "heads $h: rows ${!rows_var:-deltanet deltanet_carry}"
+done
+wait "${pids[@]}"
+log "training and evaluation done"
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
+for ckpt in /tmp/recipes_h*/carry_state_*_carry/*/checkpoints/checkpoint_last.pt; do
+  [ -f "$ckpt" ] || continue
+  h=$(echo "$ckpt" | grep -o 'recipes_h[0-9]*' | grep -o '[0-9]*$')
+  row=$(basename "$(dirname "$(dirname "$ckpt")")")
+  for s in 1 2; do
+    "$PY" examples/language_model/carry_state_drift.py "$ckpt" --streams $s --bin-segments 40 \
+      >"$WORK/drift/h${h}_${row}_streams$s.txt" 2>&1 &
+  done
+done
+wait
+{
+  cat "$WORK"/h*/recipes.md 2>/dev/null
+  for f in "$WORK"/drift/*.txt; do [ -f "$f" ] && { echo "== $(basename "$f")"; grep -E '^(after|segments|whole)' "$f"; }; done
+} >"$OUT/summary.md"
+cat "$OUT/summary.md"
+tar -C "$WORK" -czf "$OUT/carry.tar.gz" . && log "packed $OUT/carry.tar.gz"
