@@ -40,7 +40,7 @@ wait "${pids[@]}"
 log "training and evaluation done"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
-for ckpt in /tmp/recipes_h*/carry_state_*_carry/*/checkpoints/checkpoint_last.pt; do
+for ckpt in /tmp/recipes_h*/carry_state_*_carry*/*/checkpoints/checkpoint_last.pt; do
   [ -f "$ckpt" ] || continue
   h=$(echo "$ckpt" | grep -o 'recipes_h[0-9]*' | grep -o '[0-9]*$')
   row=$(basename "$(dirname "$(dirname "$ckpt")")")

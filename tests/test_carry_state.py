@@ -295,3 +295,44 @@ def test_drift_script_matches_eval_lm(data_dir, checkpoint):
     assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
     want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state")
     assert float(m.group(1)) == pytest.approx(want, abs=1e-4)
+
+
+def test_staggered_resets_keep_every_age_in_each_batch(data_dir):
+    """--fwp-carry-reset-segments N: row r restarts from zero at the training segments k with
+    (k + r*N//B) % N == 0 (its output then equals a fresh model's on that segment), other rows
+    continue; a new pass continues the streams instead of resetting them all."""
+    N = 2
+    task, model = setup(data_dir, "--fwp-kernel", "linear", "--fwp-update", "delta",
+                        "--fwp-carry-reset-segments", str(N))
+    _, fresh = setup(data_dir, "--fwp-kernel", "linear", "--fwp-update", "delta", carry=False)
+    fresh.load_state_dict(model.state_dict())
+    task.load_dataset("train")
+    batches = list(task.get_batch_iterator(task.dataset("train")).next_epoch_itr(shuffle=False))
+    model.train(), fresh.train()  # dropout 0: deterministic
+    with torch.no_grad():
+        for k, b in enumerate(batches + batches[:2]):  # into a second pass
+            src = b["net_input"]["src_tokens"]
+            got = model(**b["net_input"])[0]
+            alone = fresh(src)[0]
+            for r in range(src.size(0)):
+                reset = (k + r * N // src.size(0)) % N == 0
+                same = torch.allclose(got[r], alone[r], atol=1e-6)
+                assert same == (reset or k == 0), (k, r)  # k = 0: every stream starts empty
+    with pytest.raises(ValueError, match="--fwp-carry-state"):
+        setup(data_dir, "--fwp-carry-reset-segments", "4", carry=False)
+    with pytest.raises(ValueError, match="reset-segments"):
+        model.set_carry_reset(-1)
+
+
+def test_reset_carried_rows_zeroes_only_those_streams():
+    torch.manual_seed(0)
+    att = FastWeightAttention(8, 2, self_attention=True, causal=True, update="sum", attn_normalize=True)
+    att.set_carry_state(True)
+    x = torch.randn(4, 3, 8)
+    att(x, x, x)
+    state, z = att._carried["train"]
+    att.reset_carried_rows(torch.tensor([False, True, False]))
+    s2, z2 = att._carried["train"]
+    assert s2[1].abs().sum() == 0 and z2[1].abs().sum() == 0
+    torch.testing.assert_close(s2[[0, 2]], state[[0, 2]])
+    torch.testing.assert_close(z2[[0, 2]], z[[0, 2]])

@@ -19,6 +19,9 @@
 #                   L2-normalised instead of sum-normalised (--fwp-l2-normalize; not in the paper)
 #   identity_delta_l2, identity_delta_l2_carry   phi(x) = x, L2-normalised: the Delta Net as
 #                   flash-linear-attention builds it (not in the paper)
+#   ROW_carryN      (e.g. deltanet_carry256) carried, but in training each stream is reset every N
+#                   segments, the streams staggered, instead of all at each pass
+#                   (--fwp-carry-reset-segments N); evaluated like the other carried rows
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
 # Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
@@ -40,8 +43,8 @@ ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
-row_args() {  # the model flags of a row: MODEL[_l2][_carry]
-    local base=${1%_carry} l2=""
+row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]]
+    local base=${1%_carry*} l2=""
     [[ $base == *_l2 ]] && { base=${base%_l2}; l2=" --fwp-l2-normalize"; }
     case $base in
         deltanet) echo "--fwp-kernel linear --fwp-update delta$l2" ;;
@@ -55,6 +58,7 @@ row_args() {  # the model flags of a row: MODEL[_l2][_carry]
 task_args() {  # the data feeding of a row, in training
     case $1 in
         *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH" ;;
+        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments ${1##*_carry}" ;;
         *) echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
     esac
 }
@@ -64,7 +68,7 @@ ppl() {  # ppl ROW CKPT SUBSET LOG
     case $1 in
         # one stream, the state carried from segment to segment: every character scored once
         # with all earlier context (the result does not depend on --tokens-per-sample)
-        *_carry) eval_args="--task fwp_stream_lm --fwp-carry-state --tokens-per-sample $CONTEXT" ;;
+        *_carry*) eval_args="--task fwp_stream_lm --fwp-carry-state --tokens-per-sample $CONTEXT" ;;
         # sliding windows of CONTEXT characters, each scoring its last quarter
         *) eval_args="--task language_modeling --tokens-per-sample $CONTEXT --context-window $((CONTEXT * 3 / 4)) --batch-size 16" ;;
     esac
@@ -101,6 +105,7 @@ for row in "${ROWS[@]}"; do
     test=$(ppl "$row" "$ckpt" test "$dir/eval_test.log")
     bpc=$(bits_of "$test")
     carry=$([[ $row == *_carry ]] && echo yes || echo no)
+    [[ $row == *_carry[0-9]* ]] && carry="yes, reset every ${row##*_carry} segments (staggered)"
     line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
     echo "$line" | tee -a "$OUT/table.md"
 done

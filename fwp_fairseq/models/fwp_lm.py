@@ -5,6 +5,7 @@ self-attention (the paper's WikiText-103 models; ../shared/PAPER.md section 4).
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import (
@@ -41,7 +42,10 @@ class FwpLanguageModel(TransformerLanguageModel):
     # Batches of fwp_stream_lm are segments of contiguous streams and say which segment they
     # are (net_input["stream_segment"]): segment 0 starts the streams again (new epoch, new
     # evaluation), so the state is reset; a gap (resumed mid-epoch) restarts it from zero.
+    # With set_carry_reset(N) training instead resets each stream every N segments, the streams
+    # of a batch staggered, and carries the state over the start of a new pass.
     carry_state = False
+    carry_reset_segments = 0
 
     def fast_self_attention(self):
         return [layer.self_attn for layer in self.decoder.layers
@@ -66,6 +70,17 @@ class FwpLanguageModel(TransformerLanguageModel):
             layer.set_carry_state(on)
         self.carry_state = bool(on)
         self._next_segment = {}
+        self._train_segments = 0
+
+    def set_carry_reset(self, segments):
+        """Training streams: reset row r of a B-row batch at the k-th training segment when
+        (k + r * N // B) % N == 0 (N = segments), so that every batch holds states of all ages
+        0..N-1 rather than all streams being as old as the pass is far along. 0: reset all
+        streams at the start of each pass (the default)."""
+        if segments < 0:
+            raise ValueError(f"--fwp-carry-reset-segments: must be >= 0, got {segments}")
+        self.carry_reset_segments = int(segments)
+        self._train_segments = 0
 
     def reset_fast_weights(self, slot=None):
         """Forget the carried fast weights of "train" or "eval" streams (None: both)."""
@@ -77,20 +92,31 @@ class FwpLanguageModel(TransformerLanguageModel):
         else:
             nxt.pop(slot, None)
 
-    def _begin_segment(self, segment):
+    def _begin_segment(self, segment, bsz):
         slot = "train" if self.training else "eval"
         expected = self._next_segment.get(slot)
-        if segment == 0 or segment != expected:
+        staggered = slot == "train" and self.carry_reset_segments > 0
+        if staggered:  # a gap restarts the streams; a new pass (segment 0) continues them
+            restart = segment != expected and segment != 0
+        else:
+            restart = segment == 0 or segment != expected
+        if restart:
             if segment != 0:
                 logger.info(f"carried fast weights ({slot}) restart from zero at segment {segment}")
             self.reset_fast_weights(slot)
         self._next_segment[slot] = segment + 1
+        if staggered:
+            n = self.carry_reset_segments
+            rows = (self._train_segments + torch.arange(bsz) * n // bsz) % n == 0
+            for layer in self.fast_self_attention():
+                layer.reset_carried_rows(rows, slot)
+            self._train_segments += 1
 
     def forward(self, src_tokens, *args, stream_segment=None, **kwargs):
         if self.carry_state:
             if stream_segment is None:
                 raise ValueError("--fwp-carry-state: batches must be stream segments (task fwp_stream_lm)")
-            self._begin_segment(int(stream_segment))
+            self._begin_segment(int(stream_segment), src_tokens.size(0))
         return super().forward(src_tokens, *args, **kwargs)
 
 

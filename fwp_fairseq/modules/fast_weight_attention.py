@@ -310,6 +310,15 @@ class FastWeightAttention(nn.Module):
         else:
             carried.pop(slot, None)
 
+    def reset_carried_rows(self, rows, slot="train"):
+        """Forget the carried state of some streams only: rows is a (B,) bool mask."""
+        carried = self.__dict__.setdefault("_carried", {}).get(slot)
+        if carried is None or not bool(rows.any()):
+            return
+        keep = (~rows).to(carried[0].dtype).view(-1, 1, 1, 1)
+        state, z = carried
+        self._carried[slot] = (state * keep, z * keep if z is not None else None)
+
     def _carried_in(self, bsz):
         carried = self.__dict__.setdefault("_carried", {}).get(self._carry_slot())
         if carried is None:

@@ -5,8 +5,9 @@ Each split is one token sequence cut into parallel streams (fwp_fairseq.data.str
 consecutive batches are consecutive segments of the same streams, never shuffled. With
 --fwp-carry-state every causal fast-weight layer of fwp_lm carries its state (W and z) from
 one segment to the next, detached (backpropagation within a segment), and resets it where the
-streams start again: each epoch, each validation, each fairseq-eval-lm run. Resuming from a
-checkpoint restarts the state from zero (it is not saved). Training uses --batch-size streams
+streams start again: each epoch, each validation, each fairseq-eval-lm run (in training with
+--fwp-carry-reset-segments N: each stream every N segments instead, staggered across the batch).
+Resuming from a checkpoint restarts the state from zero (it is not saved). Training uses --batch-size streams
 per worker (else --max-tokens / --tokens-per-sample); validation and fairseq-eval-lm use
 --eval-streams per worker (1: every token scored once with all earlier context, so the
 perplexity does not depend on --tokens-per-sample). Generation needs no stream: use
@@ -34,6 +35,12 @@ class StreamLMConfig(LanguageModelingConfig):
         default=False, metadata={"help": "carry each layer's fast weights from one segment of a "
                                          "stream to the next (detached; reset each epoch and each "
                                          "evaluation; needs fwp_lm with --no-token-positional-embeddings)"})
+    fwp_carry_reset_segments: int = field(
+        default=0, metadata={"help": "training with --fwp-carry-state: reset each stream's state every N "
+                                     "segments, the streams of a batch staggered (row r of B when "
+                                     "(k + r*N//B) % N == 0 at the k-th training segment), and carry it "
+                                     "over the start of a new pass, so that every batch holds states of "
+                                     "all ages 0..N-1; 0: reset all streams at the start of each pass"})
     eval_streams: int = field(
         default=1, metadata={"help": "streams per worker in validation and fairseq-eval-lm (1: every "
                                      "token is scored with all earlier context of its split)"})
@@ -59,6 +66,9 @@ class StreamLanguageModelingTask(LanguageModelingTask):
                 # Recomputing a layer in the backward would advance the carried state twice.
                 raise ValueError("--fwp-carry-state: not supported with --checkpoint-activations")
             model.set_carry_state(True)
+            model.set_carry_reset(self.args.fwp_carry_reset_segments)
+        elif self.args.fwp_carry_reset_segments:
+            raise ValueError("--fwp-carry-reset-segments: needs --fwp-carry-state")
         return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
