@@ -315,7 +315,7 @@ class FastWeightAttention(nn.Module):
         carried = self.__dict__.setdefault("_carried", {}).get(slot)
         if carried is None or not bool(rows.any()):
             return
-        keep = (~rows).to(carried[0].dtype).view(-1, 1, 1, 1)
+        keep = (~rows).to(device=carried[0].device, dtype=carried[0].dtype).view(-1, 1, 1, 1)
         state, z = carried
         self._carried[slot] = (state * keep, z * keep if z is not None else None)
 
