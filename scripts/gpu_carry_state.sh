@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7 on one lent GPU: the carried-state rows of examples/language_model/run_carry_state.sh
-# for several head sizes at once (each HEADS value its own scripts/gpu_recipes.sh), then
+# for several head sizes and seeds at once (each HEADS x SEED its own scripts/gpu_recipes.sh), then
 # carry_state_drift.py on every carried checkpoint: loss by position and |S| per layer along the
 # validation stream, as one stream (what fairseq-eval-lm scores) and as 2 streams (each shorter
 # than a training stream). Results (few files, as a lent machine returns at most 8):
@@ -8,9 +8,10 @@
 #
 #   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_carry_state.sh
 #
-# Environment: CARRY_HEADS ("8 16")  ROWS_H<HEADS> (the rows for that head count; default
-#   "deltanet deltanet_carry")  plus what gpu_recipes.sh and run_carry_state.sh read
-#   (RECIPES_DEADLINE, EVAL_MARGIN_S, MAX_UPDATE, ...).
+# Environment: CARRY_HEADS ("4")  CARRY_SEEDS ("1")  ROWS_H<HEADS> (the rows for that head
+#   count; default "deltanet deltanet_carry")  plus what gpu_recipes.sh and run_carry_state.sh
+#   read (RECIPES_DEADLINE, EVAL_MARGIN_S, MAX_UPDATE, ...). A seed sweep of one pair:
+#   CARRY_SEEDS="2 3 4" ROWS_H4="dpfp_delta_l2 dpfp_delta_l2_carry128" bash scripts/gpu_carry_state.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -29,29 +30,32 @@ if ! "$PY" -c "import fairseq" 2>/dev/null && compgen -G ".whl/ve_fairseq-*.whl"
 fi
 
 pids=()
-for h in ${CARRY_HEADS:-8 16}; do
-  rows_var="ROWS_H$h"
-  HEADS=$h RECIPES=carry_state CARRY_STATE_ROWS="${!rows_var:-deltanet deltanet_carry}" \
-    RECIPES_WORK="/tmp/recipes_h$h" OUT="$WORK/h$h" bash scripts/gpu_recipes.sh >"$WORK/h$h.log" 2>&1 &
-  pids+=($!)
-  log "heads $h: rows ${!rows_var:-deltanet deltanet_carry}"
+for h in ${CARRY_HEADS:-4}; do
+  for seed in ${CARRY_SEEDS:-1}; do
+    rows_var="ROWS_H$h"
+    g="h${h}_s$seed"
+    HEADS=$h SEED=$seed RECIPES=carry_state CARRY_STATE_ROWS="${!rows_var:-deltanet deltanet_carry}" \
+      RECIPES_WORK="/tmp/recipes_$g" OUT="$WORK/$g" bash scripts/gpu_recipes.sh >"$WORK/$g.log" 2>&1 &
+    pids+=($!)
+    log "heads $h, seed $seed: rows ${!rows_var:-deltanet deltanet_carry}"
+  done
 done
 wait "${pids[@]}"
 log "training and evaluation done"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
-for ckpt in /tmp/recipes_h*/carry_state_*_carry*/*/checkpoints/checkpoint_last.pt; do
+for ckpt in /tmp/recipes_h*_s*/carry_state_*_carry*/*/checkpoints/checkpoint_last.pt; do
   [ -f "$ckpt" ] || continue
-  h=$(echo "$ckpt" | grep -o 'recipes_h[0-9]*' | grep -o '[0-9]*$')
+  g=$(echo "$ckpt" | grep -o 'recipes_h[0-9]*_s[0-9]*' | sed 's/^recipes_//')
   row=$(basename "$(dirname "$(dirname "$ckpt")")")
   for s in 1 2; do
     "$PY" examples/language_model/carry_state_drift.py "$ckpt" --streams $s --bin-segments 40 \
-      >"$WORK/drift/h${h}_${row}_streams$s.txt" 2>&1 &
+      >"$WORK/drift/${g}_${row}_streams$s.txt" 2>&1 &
   done
 done
 wait
 {
-  cat "$WORK"/h*/recipes.md 2>/dev/null
+  for f in "$WORK"/h*/recipes.md; do [ -f "$f" ] && { echo "# $(basename "$(dirname "$f")")"; cat "$f"; }; done
   for f in "$WORK"/drift/*.txt; do [ -f "$f" ] && { echo "== $(basename "$f")"; grep -E '^(after|segments|whole)' "$f"; }; done
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"
