@@ -50,9 +50,8 @@ class FwpFields(FairseqDataclass):
                                          "performer, whose features are defined up to a factor)"})
     fwp_l2_normalize: bool = field(
         default=False, metadata={"help": "L2-normalise phi(k) and phi(q) instead of sum-normalising "
-                                         "them (not in the paper): each delta-rule write then fully "
-                                         "replaces the memory along its key at beta = 1, and a state "
-                                         "carried across segments settles"})
+                                         "them (not in the paper): a delta-rule write with beta = 1 "
+                                         "then replaces what the memory held along its key"})
     fwp_impl: ChoiceEnum(IMPLS) = field(
         default="auto", metadata={"help": "implementation of the causal recurrence (fwp_fairseq.ops)"})
 

@@ -20,8 +20,9 @@ def sum_normalize(x, eps=1e-6):
 def l2_normalize(x, eps=1e-6):
     """phi / |phi|_2 (in fp32 for half inputs). With |k| = 1 a delta-rule write with beta = 1
     replaces what the memory held for k; after sum normalisation |k|^2 is only ~1/d_dot for
-    spread-out features, so each write corrects a small fraction of the error along k and a
-    carried state drifts for tens of thousands of steps (benchmarks/delta_state_settling.py)."""
+    spread-out features, so each write corrects a small fraction of the error along k (on
+    random keys a carried state then drifts for tens of thousands of steps, with L2 it settles
+    within ~2k: benchmarks/delta_state_settling.py; learned keys drift either way)."""
     xa = _acc(x)
     return (xa / xa.norm(dim=-1, keepdim=True).clamp_min(eps)).to(x.dtype)  # exactly unit length
 
