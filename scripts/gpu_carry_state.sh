@@ -22,12 +22,7 @@ mkdir -p "$OUT" "$WORK/drift"
 log() { echo "[carry $(date +%H:%M:%S)] $*"; }
 
 # Install the fairseq wheels once here: the parallel gpu_recipes.sh runs then find fairseq.
-if ! "$PY" -c "import fairseq" 2>/dev/null && compgen -G ".whl/ve_fairseq-*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fsite \
-    .whl/ve_fairseq-*.whl .whl/hydra_core-*.whl .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl \
-    .whl/bitarray-*.whl
-  export PYTHONPATH="/tmp/fsite${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/fsite/bin:$PATH"
-fi
+source scripts/fairseq_wheels.sh
 
 pids=()
 for h in ${CARRY_HEADS:-4}; do

@@ -28,14 +28,7 @@ mkdir -p "$OUT" "$WORK"
 PY=${PYTHON:-python3}
 log() { echo "[recipes $(date +%H:%M:%S)] $*"; }
 
-if ! "$PY" -c "import fairseq" 2>/dev/null; then
-  if compgen -G ".whl/ve_fairseq-*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fsite \
-      .whl/ve_fairseq-*.whl .whl/hydra_core-*.whl .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl \
-      .whl/bitarray-*.whl
-    export PYTHONPATH="/tmp/fsite${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/fsite/bin:$PATH"
-  fi
-fi
+source scripts/fairseq_wheels.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import fairseq, fwp_fairseq" 2>"$WORK/import.err"; then
   log "fairseq is not importable, no recipe runs: $(tail -1 "$WORK/import.err")"
