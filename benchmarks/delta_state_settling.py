@@ -14,37 +14,29 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
+from fwp_fairseq.modules.feature_maps import DPFPFeatureMap, LinearFeatureMap, l2_normalize, sum_normalize
 from fwp_fairseq.ops import fast_weight_delta
 
-def _elu1(x):
-    return F.elu(x) + 1
-
-
-def _dpfp1(x):
-    r = torch.cat([F.relu(x), F.relu(-x)], -1)
-    return r * torch.roll(r, 1, -1)
-
-
-# name: (phi, normalisation of phi); "sum" is the paper's, "l2" is --fwp-l2-normalize.
+# name: (feature map class, normalisation of phi); sum is the paper's, L2 is --fwp-l2-normalize.
+# The project's own maps and normalisers (fwp_fairseq.modules.feature_maps imports no fairseq).
 FEATURES = {
-    "linear (elu+1)": (_elu1, "sum"),
-    "dpfp nu=1": (_dpfp1, "sum"),
-    "linear (elu+1), L2": (_elu1, "l2"),
+    "linear (elu+1)": (LinearFeatureMap, sum_normalize),
+    "dpfp nu=1": (DPFPFeatureMap, sum_normalize),
+    "linear (elu+1), L2": (LinearFeatureMap, l2_normalize),
 }
 
 
-def settle(phi, T, d, beta, seed=0, segment=4096, norm="sum"):
+def settle(feature_map, T, d, beta, seed=0, segment=4096, norm=sum_normalize):
     """{t: |S| after t steps} for t = 256, 512, ... and T."""
     g = torch.Generator().manual_seed(seed)
     M = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+    phi = feature_map(d)
     S, norms, done, mark = None, {}, 0, 256
     while done < T:
         n = min(segment, mark - done, T - done)  # stop at every reporting point
         x = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
-        k = phi(x)
-        k = k / ((k.sum(-1, keepdim=True) if norm == "sum" else k.norm(dim=-1, keepdim=True)) + 1e-6)
+        k = norm(phi(x), 1e-6)
         v = x @ M + 0.5 * torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
         b = torch.full((1, 1, n), beta, dtype=torch.float64)
         _, S = fast_weight_delta(k, k, v, b, initial_state=S, output_final_state=True, impl="chunked")
@@ -63,8 +55,8 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--out", default=None, help="also write settling.json and settling.md here")
     args = ap.parse_args(argv)
-    res = {f"{name}, d={d}": settle(phi, args.T, d, args.beta, norm=norm)
-           for d in args.d for name, (phi, norm) in FEATURES.items()}
+    res = {f"{name}, d={d}": settle(fmap, args.T, d, args.beta, norm=norm)
+           for d in args.d for name, (fmap, norm) in FEATURES.items()}
     steps = sorted({t for r in res.values() for t in r})
     lines = [f"|S| of a carried delta-rule state (one head, beta={args.beta}, fp64) after t steps", "",
              "| feature map, head dim | " + " | ".join(str(t) for t in steps) + " |",
