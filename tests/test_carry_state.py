@@ -51,7 +51,9 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def test_streams_cover_every_token_once_and_shards_are_disjoint():
+@pytest.mark.parametrize("offset", [0, 5, 26])
+def test_streams_cover_every_token_once_and_shards_are_disjoint(offset):
+    """Also rotated by an offset (--fwp-stream-shift): x_{1+o}..x_N, x_1..x_o."""
     eos, pad = 2, 1
     lines = [torch.arange(10 * i + 4, 10 * i + 4 + n) for i, n in enumerate([3, 7, 1, 5, 9, 2])]
     stream = TokenStream(lines, pad, eos)
@@ -59,7 +61,7 @@ def test_streams_cover_every_token_once_and_shards_are_disjoint():
     seen, rows = [], {}
     lengths = set()
     for shard in range(2):
-        seg = stream.segments(streams_per_shard=2, segment_len=3, num_shards=2, shard_id=shard)
+        seg = stream.segments(streams_per_shard=2, segment_len=3, num_shards=2, shard_id=shard, offset=offset)
         lengths.add(len(seg))
         for i in range(len(seg)):
             b = seg.collater([seg[i]])
@@ -74,10 +76,12 @@ def test_streams_cover_every_token_once_and_shards_are_disjoint():
         src, tgt = torch.cat(rows[sid][0]), torch.cat(rows[sid][1])
         real = tgt.ne(pad)
         seen.append(tgt[real])
-        # input = target shifted right by one, </s> before the very first token
-        prev = torch.cat([torch.tensor([eos]), flat])[sid * len(tgt):sid * len(tgt) + len(tgt)]
+        # input = target shifted right by one, </s> before the very first token (unrotated)
+        rot = torch.roll(flat, -offset)
+        before = flat[offset - 1:offset] if offset else torch.tensor([eos])
+        prev = torch.cat([before, rot])[sid * len(tgt):sid * len(tgt) + len(tgt)]
         assert torch.equal(src[real], prev[:len(src)][real])
-    assert torch.equal(torch.cat(seen), flat)  # every token a target exactly once, in order
+    assert torch.equal(torch.cat(seen), rot)  # every token a target exactly once, in order
 
 
 def test_too_many_streams_is_an_error():
@@ -295,6 +299,49 @@ def test_drift_script_matches_eval_lm(data_dir, checkpoint):
     assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
     want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state")
     assert float(m.group(1)) == pytest.approx(want, abs=1e-4)
+
+
+
+@pytest.mark.slow
+def test_drift_script_sliding_windows_match_eval_lm(data_dir):
+    """carry_state_drift.py on a checkpoint trained without carried state: sliding windows, and
+    its whole-split loss is fairseq-eval-lm --context-window's."""
+    save = data_dir / "ckpt_windows"
+    train = [a for a in TRAIN if a not in ("fwp_stream_lm", "--fwp-carry-state")]
+    train[train.index("--task") + 1:train.index("--task") + 1] = ["language_modeling", "--sample-break-mode", "none"]
+    run("fairseq-train", data_dir, *train, "--max-update", "3", "--save-dir", save)
+    ckpt = save / "checkpoint_last.pt"
+    script = os.path.join(os.path.dirname(PKG), "examples", "language_model", "carry_state_drift.py")
+    out = run("carry_state_drift.py", cmd=[sys.executable, script, str(ckpt), "--data", str(data_dir),
+                                           "--split", "test", "--tokens-per-sample", "16", "--context-window", "12",
+                                           "--bin-segments", "2"])
+    m = re.search(r"whole split: ([0-9.]+) bits", out)
+    assert m and "sliding windows of 16 scoring the last 4" in out and "segments     0-    1:" in out, out[-3000:]
+    want = eval_cli(data_dir, ckpt, 16, "--task", "language_modeling", "--context-window", "12")
+    assert float(m.group(1)) == pytest.approx(want, abs=1e-4)
+
+def test_stream_shift_moves_training_streams_each_pass(data_dir):
+    """--fwp-stream-shift: the first pass is unshifted, later passes start the streams at an offset
+    drawn from the seed and the epoch (the same on every worker); validation never moves."""
+    task, _ = setup(data_dir, "--fwp-stream-shift")
+    task.load_dataset("train")
+    task.load_dataset("valid")
+
+    def first_batch(split, epoch, shard=0, seed=1):
+        it = task.get_batch_iterator(task.dataset(split), seed=seed, epoch=epoch, num_shards=2, shard_id=shard)
+        return next(iter(it.next_epoch_itr(shuffle=False)))
+
+    plain = task.dataset("train").segments(3, 16, num_shards=2, shard_id=0)
+    unshifted = plain.collater([plain[0]])
+    assert torch.equal(first_batch("train", 1)["target"], unshifted["target"])
+    e2, e3 = first_batch("train", 2), first_batch("train", 3)
+    assert not torch.equal(e2["target"], unshifted["target"]) and not torch.equal(e2["target"], e3["target"])
+    assert torch.equal(e2["target"], first_batch("train", 2)["target"])  # reproducible
+    # the same offset on both workers: their streams stay disjoint
+    seg0, seg1 = (task.get_batch_iterator(task.dataset("train"), seed=1, epoch=2, num_shards=2, shard_id=w).dataset
+                  for w in (0, 1))
+    assert seg0.offset == seg1.offset > 0
+    assert torch.equal(first_batch("valid", 2)["target"], first_batch("valid", 1)["target"])
 
 
 def test_staggered_resets_keep_every_age_in_each_batch(data_dir):

@@ -1,5 +1,5 @@
 """The shell scripts: every one parses (bash -n), and run_carry_state.sh turns row names
-(MODEL[_l2][_carry[N]]) into the right model and task flags."""
+(MODEL[_l2][_carry[N]|_stream]) into the right model and task flags."""
 import glob
 import os
 import re
@@ -37,12 +37,15 @@ def carry_row(row):
     ("identity_delta_l2_carry", "--fwp-kernel identity --fwp-update delta --fwp-l2-normalize", "--fwp-carry-state"),
     ("dpfp_delta_l2_carry128", "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta --fwp-l2-normalize",
      "--fwp-carry-state --batch-size 32 --fwp-carry-reset-segments 128"),
+    ("dpfp_delta_l2_stream", "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta --fwp-l2-normalize",
+     "--task fwp_stream_lm --batch-size 32"),
 ])
 def test_carry_rows(row, model, task):
     got_model, got_task = carry_row(row)
     assert got_model == model
     assert task in got_task
     assert ("--fwp-carry-reset-segments" in got_task) == bool(re.search(r"_carry\d+$", row))
+    assert ("--fwp-carry-state" in got_task) == ("_carry" in row)
 
 
 def test_unknown_carry_row_is_an_error():

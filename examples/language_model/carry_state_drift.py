@@ -3,12 +3,18 @@ each layer's carried fast weights (task fwp_stream_lm --fwp-carry-state, fwp_lm)
 
     python examples/language_model/carry_state_drift.py CHECKPOINT [--data data-bin/tinyshakespeare]
         [--split valid] [--streams 1] [--tokens-per-sample 256] [--bin-segments 20]
+        [--context-window 192]
 
 Prints, for each bin of consecutive segments, the loss (bits per token) of the tokens in it, and
 the Frobenius norm of every layer's carried state S after 1, 2, 4, ... segments; the last line is
 the whole split's loss, the number fairseq-eval-lm prints for the same streams. A loss that
 rises with the position while |S| keeps growing means the state has not settled within the
 trained stream length (README: "Fast weights carried across segments").
+
+A checkpoint trained without carried state (task language_modeling) is scored the way
+run_carry_state.sh scores it, with sliding windows of --tokens-per-sample tokens of which the
+last (tokens-per-sample - context-window) are scored, and binned by the same segments, so that
+the two models of a pair can be compared bin by bin on the same text.
 """
 import argparse
 import math
@@ -24,6 +30,9 @@ def main(argv=None):
     ap.add_argument("--streams", type=int, default=1, help="streams the split is cut into")
     ap.add_argument("--tokens-per-sample", type=int, default=None, help="default: the checkpoint's")
     ap.add_argument("--bin-segments", type=int, default=20, help="segments per loss bin")
+    ap.add_argument("--context-window", type=int, default=None,
+                    help="checkpoints without carried state: context tokens of each sliding window "
+                         "(default: 3/4 of --tokens-per-sample, as run_carry_state.sh)")
     args = ap.parse_args(argv)
 
     from fairseq import checkpoint_utils
@@ -31,13 +40,17 @@ def main(argv=None):
     import fwp_fairseq
 
     fwp_fairseq.register()
-    overrides = {"data": args.data, "fwp_carry_state": True, "eval_streams": args.streams}
+    state = checkpoint_utils.load_checkpoint_to_cpu(args.checkpoint)
+    carried = state["cfg"]["task"]._name == "fwp_stream_lm"
+    overrides = {"data": args.data}
+    if carried:
+        overrides.update(fwp_carry_state=True, eval_streams=args.streams)
     if args.tokens_per_sample:
         overrides["tokens_per_sample"] = args.tokens_per_sample
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
-    if task.__class__.__name__ != "StreamLanguageModelingTask":
-        raise SystemExit("the checkpoint was not trained with --task fwp_stream_lm")
     model = models[0].eval()
+    if not carried:
+        return sliding_windows(model, task, args)
     layers = model.fast_self_attention()
     task.load_dataset(args.split)
     batches = task.eval_lm_dataloader(task.dataset(args.split), num_workers=0)
@@ -60,11 +73,61 @@ def main(argv=None):
                 report *= 2
                 norms = " ".join(f"{layer._carried['eval'][0].norm().item():9.2f}" for layer in layers)
                 print(f"after {b + 1:5d} segments: |S| per layer {norms}", flush=True)
+    _report(bins, args.bin_segments, total, count)
+
+
+def _report(bins, bin_segments, total, count):
     for k, (s, c) in sorted(bins.items()):
-        first = k * args.bin_segments
-        print(f"segments {first:5d}-{first + args.bin_segments - 1:5d}: {s / c / math.log(2):.4f} bits/token")
+        first = k * bin_segments
+        print(f"segments {first:5d}-{first + bin_segments - 1:5d}: {s / c / math.log(2):.4f} bits/token")
     print(f"whole split: {total / count / math.log(2):.4f} bits/token "
           f"(perplexity {2 ** (total / count / math.log(2)):.2f})")
+
+
+def sliding_windows(model, task, args):
+    """Score target p (inputs </s>, x_1.., targets x_1..) in the window that ends with the block of
+    `stride` targets holding it and starts `context` tokens before that block (fewer at the start),
+    as fairseq-eval-lm --context-window does; bin the losses by segment of --tokens-per-sample."""
+    import numpy as np
+    from fairseq.data import data_utils
+
+    from fwp_fairseq.data import TokenStream
+
+    if args.streams != 1:
+        raise SystemExit("--streams: a checkpoint without carried state is scored as one stream")
+    seg = task.args.tokens_per_sample
+    context = seg * 3 // 4 if args.context_window is None else args.context_window
+    if not 0 <= context < seg:
+        raise SystemExit(f"--context-window must be in [0, {seg}), got {context}")
+    stride = seg - context
+    d = task.source_dictionary
+    data = data_utils.load_indexed_dataset(f"{args.data}/{args.split}", d, task.args.dataset_impl)
+    if data is None:
+        raise SystemExit(f"no {args.split} split in {args.data}")
+    tgt = torch.from_numpy(TokenStream(data, d.pad(), d.eos()).tokens.astype(np.int64))
+    inp = torch.cat([tgt.new_tensor([d.eos()]), tgt[:-1]])
+    n = len(tgt)
+    print(f"{args.split}: {n:,} tokens, sliding windows of {seg} scoring the last {stride} "
+          f"(no carried state)")
+    nll = torch.zeros(n)
+    with torch.no_grad():
+        # Blocks whose window is shorter than seg (the first ones), then full windows in batches.
+        starts = list(range(0, n, stride))
+        full = [a for a in starts if a + stride - seg >= 0 and a + stride <= n]
+        for a in sorted(set(starts) - set(full)):
+            lo, hi = max(0, a + stride - seg), min(n, a + stride)
+            lp = model.get_normalized_probs(model(inp[lo:hi][None]), log_probs=True)[0]
+            nll[a:hi] = -lp[a - lo:].gather(-1, tgt[a:hi, None]).squeeze(-1)
+        for i in range(0, len(full), 64):
+            blocks = torch.tensor(full[i:i + 64])
+            idx = blocks[:, None] + torch.arange(stride - seg, stride)[None]
+            lp = model.get_normalized_probs(model(inp[idx]), log_probs=True)[:, context:]
+            nll[idx[:, context:]] = -lp.gather(-1, tgt[idx[:, context:]].unsqueeze(-1)).squeeze(-1)
+    bins = {}
+    for k in range(0, n, seg * args.bin_segments):
+        chunk = nll[k:k + seg * args.bin_segments]
+        bins[k // (seg * args.bin_segments)] = (chunk.sum().item(), len(chunk))
+    _report(bins, args.bin_segments, nll.sum().item(), n)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@
 #   ROW_carryN      (e.g. deltanet_carry256) carried, but in training each stream is reset every N
 #                   segments, the streams staggered, instead of all at each pass
 #                   (--fwp-carry-reset-segments N); evaluated like the other carried rows
+#   ROW_stream      (e.g. dpfp_delta_l2_stream) not carried, but trained on the carried rows'
+#                   batches (task fwp_stream_lm: contiguous streams, never shuffled, each segment
+#                   from a fresh state); evaluated like the rows without carry. It separates
+#                   what the carried state does from what the unshuffled data order does.
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
 # Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
@@ -43,8 +47,9 @@ ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
-row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]]
+row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream]
     local base=${1%_carry*} l2=""
+    base=${base%_stream}
     [[ $base == *_l2 ]] && { base=${base%_l2}; l2=" --fwp-l2-normalize"; }
     case $base in
         deltanet) echo "--fwp-kernel linear --fwp-update delta$l2" ;;
@@ -59,6 +64,7 @@ task_args() {  # the data feeding of a row, in training
     case $1 in
         *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH" ;;
         *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments ${1##*_carry}" ;;
+        *_stream) echo "--task fwp_stream_lm --batch-size $BATCH" ;;
         *) echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
     esac
 }
@@ -106,6 +112,7 @@ for row in "${ROWS[@]}"; do
     bpc=$(bits_of "$test")
     carry=$([[ $row == *_carry ]] && echo yes || echo no)
     [[ $row == *_carry[0-9]* ]] && carry="yes, reset every ${row##*_carry} segments (staggered)"
+    [[ $row == *_stream ]] && carry="no (trained on unshuffled streams)"
     line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
     echo "$line" | tee -a "$OUT/table.md"
 done
