@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 7 on one lent GPU: the carried-state rows of examples/language_model/run_carry_state.sh
 # for several head sizes and seeds at once (each HEADS x SEED its own scripts/gpu_recipes.sh), then
-# carry_state_drift.py on every carried checkpoint: loss by position and |S| per layer along the
-# validation stream, as one stream (what fairseq-eval-lm scores) and as 2 streams (each shorter
-# than a training stream). Results (few files, as a lent machine returns at most 8):
+# carry_state_drift.py on every checkpoint: loss by position along the validation stream in bins
+# of 40 segments, for a carried row as one stream (what fairseq-eval-lm scores), as 2 streams
+# (each shorter than a training stream) and, for ROW_carryN, reset every N segments, with |S| per
+# layer; for a row without carry with its sliding windows, so that a pair compares bin by bin. Results (few files, as a lent machine returns at most 8):
 # $OUT/summary.md (tables and drift) and $OUT/carry.tar.gz (every row's logs, tables, drift).
 #
 #   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_carry_state.sh
@@ -39,14 +40,20 @@ wait "${pids[@]}"
 log "training and evaluation done"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
-for ckpt in /tmp/recipes_h*_s*/carry_state_*_carry*/*/checkpoints/checkpoint_last.pt; do
+drift() {  # drift CKPT NAME [ARGS...]
+  "$PY" examples/language_model/carry_state_drift.py "$1" --bin-segments 40 "${@:3}" >"$WORK/drift/$2.txt" 2>&1 &
+}
+for ckpt in /tmp/recipes_h*_s*/carry_state_*/*/checkpoints/checkpoint_last.pt; do
   [ -f "$ckpt" ] || continue
   g=$(echo "$ckpt" | grep -o 'recipes_h[0-9]*_s[0-9]*' | sed 's/^recipes_//')
   row=$(basename "$(dirname "$(dirname "$ckpt")")")
-  for s in 1 2; do
-    "$PY" examples/language_model/carry_state_drift.py "$ckpt" --streams $s --bin-segments 40 \
-      >"$WORK/drift/${g}_${row}_streams$s.txt" 2>&1 &
-  done
+  case $row in
+    *_carry*)
+      drift "$ckpt" "${g}_${row}_streams1" --streams 1
+      drift "$ckpt" "${g}_${row}_streams2" --streams 2
+      [[ $row == *_carry[0-9]* ]] && drift "$ckpt" "${g}_${row}_reset" --reset-segments "${row##*_carry}" ;;
+    *) drift "$ckpt" "${g}_${row}_windows" ;;
+  esac
 done
 wait
 {

@@ -160,6 +160,22 @@ def test_eval_does_not_depend_on_segment_length(data_dir, fwp):
     assert perplexity(task, model, "test", 16) != pytest.approx(whole, rel=1e-3)
 
 
+def test_eval_reset_segments_equals_independent_longer_segments(data_dir):
+    """--fwp-eval-reset-segments 3 with segments of 8: the state restarts every 24 tokens, the
+    same scores as independent segments of 24 without carry; training is not affected."""
+    fwp = ["--fwp-kernel", "dpfp", "--fwp-update", "delta", "--fwp-l2-normalize"]
+    task, model = setup(data_dir, *fwp, "--fwp-eval-reset-segments", "3")
+    got = perplexity(task, model, "test", 8)
+    task, model = setup(data_dir, *fwp, carry=False)
+    assert got == pytest.approx(perplexity(task, model, "test", 24), rel=1e-5)
+    task, model = setup(data_dir, *fwp)
+    assert got != pytest.approx(perplexity(task, model, "test", 8), rel=1e-3)  # all context: differs
+    with pytest.raises(ValueError, match="need --fwp-carry-state"):
+        setup(data_dir, "--fwp-eval-reset-segments", "4", carry=False)
+    with pytest.raises(ValueError, match="--fwp-eval-reset-segments: must be >= 0"):
+        model.set_carry_reset(0, -1)
+
+
 def test_training_state_is_reset_per_epoch_and_kept_across_validation(data_dir):
     task, model = setup(data_dir, "--fwp-kernel", "linear", "--fwp-attn-normalize")
     task.load_dataset("train")
@@ -290,15 +306,22 @@ def test_distributed_training_two_workers(data_dir):
 
 
 @pytest.mark.slow
-def test_drift_script_matches_eval_lm(data_dir, checkpoint):
-    """examples/language_model/carry_state_drift.py: its whole-split loss is fairseq-eval-lm's."""
+@pytest.mark.parametrize("reset", [0, 2])
+def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
+    """examples/language_model/carry_state_drift.py: its whole-split loss is fairseq-eval-lm's
+    (also with the state reset every 2 segments: --reset-segments / --fwp-eval-reset-segments)."""
     script = os.path.join(os.path.dirname(PKG), "examples", "language_model", "carry_state_drift.py")
     out = run("carry_state_drift.py", cmd=[sys.executable, script, str(checkpoint), "--data", str(data_dir),
-                                           "--split", "test", "--tokens-per-sample", "16", "--bin-segments", "2"])
+                                           "--split", "test", "--tokens-per-sample", "16", "--bin-segments", "2",
+                                           "--reset-segments", str(reset)])
     m = re.search(r"whole split: ([0-9.]+) bits", out)
     assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
-    want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state")
+    want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state",
+                    "--fwp-eval-reset-segments", str(reset))
     assert float(m.group(1)) == pytest.approx(want, abs=1e-4)
+    if reset:
+        assert want != pytest.approx(eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm",
+                                              "--fwp-carry-state"), abs=1e-3)
 
 
 

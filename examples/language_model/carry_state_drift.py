@@ -3,7 +3,7 @@ each layer's carried fast weights (task fwp_stream_lm --fwp-carry-state, fwp_lm)
 
     python examples/language_model/carry_state_drift.py CHECKPOINT [--data data-bin/tinyshakespeare]
         [--split valid] [--streams 1] [--tokens-per-sample 256] [--bin-segments 20]
-        [--context-window 192]
+        [--reset-segments 128] [--context-window 192]
 
 Prints, for each bin of consecutive segments, the loss (bits per token) of the tokens in it, and
 the Frobenius norm of every layer's carried state S after 1, 2, 4, ... segments; the last line is
@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--streams", type=int, default=1, help="streams the split is cut into")
     ap.add_argument("--tokens-per-sample", type=int, default=None, help="default: the checkpoint's")
     ap.add_argument("--bin-segments", type=int, default=20, help="segments per loss bin")
+    ap.add_argument("--reset-segments", type=int, default=0,
+                    help="carried state: reset it every N segments (--fwp-eval-reset-segments)")
     ap.add_argument("--context-window", type=int, default=None,
                     help="checkpoints without carried state: context tokens of each sliding window "
                          "(default: 3/4 of --tokens-per-sample, as run_carry_state.sh)")
@@ -45,12 +47,16 @@ def main(argv=None):
     overrides = {"data": args.data}
     if carried:
         overrides.update(fwp_carry_state=True, eval_streams=args.streams)
+    elif args.reset_segments:
+        raise SystemExit("--reset-segments: the checkpoint was trained without carried state")
     if args.tokens_per_sample:
         overrides["tokens_per_sample"] = args.tokens_per_sample
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
     model = models[0].eval()
     if not carried:
         return sliding_windows(model, task, args)
+    # set here, not as an override: checkpoints from before the option lack the field
+    model.set_carry_reset(model.carry_reset_segments, args.reset_segments)
     layers = model.fast_self_attention()
     task.load_dataset(args.split)
     batches = task.eval_lm_dataloader(task.dataset(args.split), num_workers=0)

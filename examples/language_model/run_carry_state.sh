@@ -69,7 +69,7 @@ task_args() {  # the data feeding of a row, in training
     esac
 }
 
-ppl() {  # ppl ROW CKPT SUBSET LOG
+ppl() {  # ppl ROW CKPT SUBSET LOG [EXTRA EVAL ARGS]
     local eval_args
     case $1 in
         # one stream, the state carried from segment to segment: every character scored once
@@ -79,11 +79,11 @@ ppl() {  # ppl ROW CKPT SUBSET LOG
         *) eval_args="--task language_modeling --tokens-per-sample $CONTEXT --context-window $((CONTEXT * 3 / 4)) --batch-size 16" ;;
     esac
     # shellcheck disable=SC2086
-    eval_lm_ppl "$4" "$DATA" --user-dir fwp_fairseq --path "$2" --gen-subset "$3" $eval_args
+    eval_lm_ppl "$4" "$DATA" --user-dir fwp_fairseq --path "$2" --gen-subset "$3" $eval_args "${@:5}"
 }
 
 mkdir -p "$OUT"
-table_header "$OUT/table.md" "| row | fwp options | heads | carried state | params | updates | train time | valid ppl | test ppl | test bits/char |"
+table_header "$OUT/table.md" "| row | fwp options | heads | carried state | params | updates | train time | valid ppl | test ppl | test bits/char | valid / test ppl, eval reset every N |"
 
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
@@ -110,10 +110,17 @@ for row in "${ROWS[@]}"; do
     valid=$(ppl "$row" "$ckpt" valid "$dir/eval_valid.log")
     test=$(ppl "$row" "$ckpt" test "$dir/eval_test.log")
     bpc=$(bits_of "$test")
+    # rows trained with resets every N segments: also scored with the state reset every N
+    # segments in evaluation (--fwp-eval-reset-segments N), so that it is never older than in training
+    reset="-"
+    if [[ $row == *_carry[0-9]* ]]; then
+        n=${row##*_carry}
+        reset="$(ppl "$row" "$ckpt" valid "$dir/eval_valid_reset.log" --fwp-eval-reset-segments "$n") / $(ppl "$row" "$ckpt" test "$dir/eval_test_reset.log" --fwp-eval-reset-segments "$n")"
+    fi
     carry=$([[ $row == *_carry ]] && echo yes || echo no)
     [[ $row == *_carry[0-9]* ]] && carry="yes, reset every ${row##*_carry} segments (staggered)"
     [[ $row == *_stream ]] && carry="no (trained on unshuffled streams)"
-    line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
+    line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc | $reset |"
     echo "$line" | tee -a "$OUT/table.md"
 done
 echo "Table: $OUT/table.md"

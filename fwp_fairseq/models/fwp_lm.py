@@ -46,6 +46,7 @@ class FwpLanguageModel(TransformerLanguageModel):
     # of a batch staggered, and carries the state over the start of a new pass.
     carry_state = False
     carry_reset_segments = 0
+    eval_reset_segments = 0
 
     def fast_self_attention(self):
         return [layer.self_attn for layer in self.decoder.layers
@@ -72,14 +73,17 @@ class FwpLanguageModel(TransformerLanguageModel):
         self._next_segment = {}
         self._train_segments = 0
 
-    def set_carry_reset(self, segments):
+    def set_carry_reset(self, segments, eval_segments=0):
         """Training streams: reset row r of a B-row batch at the k-th training segment when
         (k + r * N // B) % N == 0 (N = segments), so that every batch holds states of all ages
         0..N-1 rather than all streams being as old as the pass is far along. 0: reset all
-        streams at the start of each pass (the default)."""
-        if segments < 0:
-            raise ValueError(f"--fwp-carry-reset-segments: must be >= 0, got {segments}")
+        streams at the start of each pass (the default). Evaluation streams: reset all at
+        segments 0, M, 2M, ... (M = eval_segments; 0: only at segment 0)."""
+        for flag, n in (("--fwp-carry-reset-segments", segments), ("--fwp-eval-reset-segments", eval_segments)):
+            if n < 0:
+                raise ValueError(f"{flag}: must be >= 0, got {n}")
         self.carry_reset_segments = int(segments)
+        self.eval_reset_segments = int(eval_segments)
         self._train_segments = 0
 
     def reset_fast_weights(self, slot=None):
@@ -100,8 +104,9 @@ class FwpLanguageModel(TransformerLanguageModel):
             restart = segment != expected and segment != 0
         else:
             restart = segment == 0 or segment != expected
-        if restart:
-            if segment != 0:
+        scheduled = slot == "eval" and self.eval_reset_segments > 0 and segment % self.eval_reset_segments == 0
+        if restart or scheduled:
+            if restart and segment != 0:
                 logger.info(f"carried fast weights ({slot}) restart from zero at segment {segment}")
             self.reset_fast_weights(slot)
         self._next_segment[slot] = segment + 1

@@ -7,7 +7,8 @@ consecutive batches are consecutive segments of the same streams, never shuffled
 one segment to the next, detached (backpropagation within a segment), and resets it where the
 streams start again: each epoch, each validation, each fairseq-eval-lm run (in training with
 --fwp-carry-reset-segments N: each stream every N segments instead, staggered across the batch).
---fwp-stream-shift cuts the training streams at a new offset each pass.
+--fwp-eval-reset-segments N resets evaluation streams every N segments; --fwp-stream-shift cuts
+the training streams at a new offset each pass.
 Resuming from a checkpoint restarts the state from zero (it is not saved). Training uses --batch-size streams
 per worker (else --max-tokens / --tokens-per-sample); validation and fairseq-eval-lm use
 --eval-streams per worker (1: every token scored once with all earlier context, so the
@@ -43,6 +44,11 @@ class StreamLMConfig(LanguageModelingConfig):
                                      "(k + r*N//B) % N == 0 at the k-th training segment), and carry it "
                                      "over the start of a new pass, so that every batch holds states of "
                                      "all ages 0..N-1; 0: reset all streams at the start of each pass"})
+    fwp_eval_reset_segments: int = field(
+        default=0, metadata={"help": "validation and fairseq-eval-lm with --fwp-carry-state: reset the state "
+                                     "every N segments (at segments 0, N, 2N, ...), e.g. the N a model was "
+                                     "trained with, so that no state is older than in training; each token "
+                                     "then sees the context since the last reset; 0: all earlier context"})
     fwp_stream_shift: bool = field(
         default=False, metadata={"help": "training: cut the streams at a different offset each pass (drawn "
                                          "from --seed and the epoch; the first pass unshifted), so that one "
@@ -74,9 +80,9 @@ class StreamLanguageModelingTask(LanguageModelingTask):
                 # Recomputing a layer in the backward would advance the carried state twice.
                 raise ValueError("--fwp-carry-state: not supported with --checkpoint-activations")
             model.set_carry_state(True)
-            model.set_carry_reset(self.args.fwp_carry_reset_segments)
-        elif self.args.fwp_carry_reset_segments:
-            raise ValueError("--fwp-carry-reset-segments: needs --fwp-carry-state")
+            model.set_carry_reset(self.args.fwp_carry_reset_segments, self.args.fwp_eval_reset_segments)
+        elif self.args.fwp_carry_reset_segments or self.args.fwp_eval_reset_segments:
+            raise ValueError("--fwp-carry-reset-segments, --fwp-eval-reset-segments: need --fwp-carry-state")
         return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
