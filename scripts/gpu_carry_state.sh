@@ -41,7 +41,8 @@ log "training and evaluation done"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
 drift() {  # drift CKPT NAME [ARGS...]
-  "$PY" examples/language_model/carry_state_drift.py "$1" --bin-segments 40 "${@:3}" >"$WORK/drift/$2.txt" 2>&1 &
+  "$PY" examples/language_model/carry_state_drift.py "$1" --data "${DATA:-data-bin/tinyshakespeare}" --bin-segments 40 \
+    "${@:3}" >"$WORK/drift/$2.txt" 2>&1 &
 }
 for ckpt in /tmp/recipes_h*_s*/carry_state_*/*/checkpoints/checkpoint_last.pt; do
   [ -f "$ckpt" ] || continue
