@@ -26,6 +26,8 @@
 #                   batches (task fwp_stream_lm: contiguous streams, never shuffled, each segment
 #                   from a fresh state); evaluated like the rows without carry. It separates
 #                   what the carried state does from what the unshuffled data order does.
+#   ROW_shift       (e.g. dpfp_delta_l2_carry128_shift) a _carry, _carryN or _stream row whose
+#                   training streams are cut at a new offset each pass (--fwp-stream-shift)
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
 # Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
@@ -47,8 +49,9 @@ ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
-row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream]
-    local base=${1%_carry*} l2=""
+row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream][_shift]
+    local base=${1%_shift} l2=""
+    base=${base%_carry*}
     base=${base%_stream}
     [[ $base == *_l2 ]] && { base=${base%_l2}; l2=" --fwp-l2-normalize"; }
     case $base in
@@ -61,11 +64,14 @@ row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream]
 }
 
 task_args() {  # the data feeding of a row, in training
-    case $1 in
-        *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH" ;;
-        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments ${1##*_carry}" ;;
-        *_stream) echo "--task fwp_stream_lm --batch-size $BATCH" ;;
-        *) echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
+    local row=${1%_shift} shift_arg=""
+    [[ $1 == *_shift ]] && shift_arg=" --fwp-stream-shift"
+    case $row in
+        *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH$shift_arg" ;;
+        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments ${row##*_carry}$shift_arg" ;;
+        *_stream) echo "--task fwp_stream_lm --batch-size $BATCH$shift_arg" ;;
+        *) [[ -z $shift_arg ]] || { echo "error: row $1: _shift needs a stream row (_carry, _carryN, _stream)" >&2; return 1; }
+           echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
     esac
 }
 
@@ -113,13 +119,15 @@ for row in "${ROWS[@]}"; do
     # rows trained with resets every N segments: also scored with the state reset every N
     # segments in evaluation (--fwp-eval-reset-segments N), so that it is never older than in training
     reset="-"
-    if [[ $row == *_carry[0-9]* ]]; then
-        n=${row##*_carry}
+    plain=${row%_shift}
+    if [[ $plain == *_carry[0-9]* ]]; then
+        n=${plain##*_carry}
         reset="$(ppl "$row" "$ckpt" valid "$dir/eval_valid_reset.log" --fwp-eval-reset-segments "$n") / $(ppl "$row" "$ckpt" test "$dir/eval_test_reset.log" --fwp-eval-reset-segments "$n")"
     fi
-    carry=$([[ $row == *_carry ]] && echo yes || echo no)
-    [[ $row == *_carry[0-9]* ]] && carry="yes, reset every ${row##*_carry} segments (staggered)"
-    [[ $row == *_stream ]] && carry="no (trained on unshuffled streams)"
+    carry=$([[ $plain == *_carry ]] && echo yes || echo no)
+    [[ $plain == *_carry[0-9]* ]] && carry="yes, reset every ${plain##*_carry} segments (staggered)"
+    [[ $plain == *_stream ]] && carry="no (trained on unshuffled streams)"
+    [[ $row == *_shift ]] && carry="$carry, shifted passes"
     line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc | $reset |"
     echo "$line" | tee -a "$OUT/table.md"
 done
