@@ -4,7 +4,8 @@
 # carry_state_drift.py on every checkpoint: loss by position along the validation stream in bins
 # of 40 segments, for a carried row as one stream (what fairseq-eval-lm scores), as 2 streams
 # (each shorter than a training stream) and, for ROW_carryN, reset every N segments, with |S| per
-# layer; for a row without carry with its sliding windows, so that a pair compares bin by bin. Results (few files, as a lent machine returns at most 8):
+# layer; for a row without carry with its sliding windows, so that a pair compares bin by bin.
+# Results (few files, as a lent machine returns at most 8):
 # $OUT/summary.md (tables and drift) and $OUT/carry.tar.gz (every row's logs, tables, drift).
 #
 #   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_carry_state.sh
@@ -52,7 +53,8 @@ for ckpt in /tmp/recipes_h*_s*/carry_state_*/*/checkpoints/checkpoint_last.pt; d
     *_carry*)
       drift "$ckpt" "${g}_${row}_streams1" --streams 1
       drift "$ckpt" "${g}_${row}_streams2" --streams 2
-      [[ $row == *_carry[0-9]* ]] && drift "$ckpt" "${g}_${row}_reset" --reset-segments "${row##*_carry}" ;;
+      n=${row%_shift}  # ROW_carryN[_shift]: also reset every N segments
+      [[ $n == *_carry[0-9]* ]] && drift "$ckpt" "${g}_${row}_reset" --reset-segments "${n##*_carry}" ;;
     *) drift "$ckpt" "${g}_${row}_windows" ;;
   esac
 done

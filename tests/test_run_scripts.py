@@ -21,7 +21,7 @@ def test_script_parses(script):
 def carry_row(row):
     """(model flags, training task flags) of a run_carry_state.sh row, from its own functions."""
     script = os.path.join(ROOT, "examples", "language_model", "run_carry_state.sh")
-    prog = (f'eval "$(sed -n "/^row_args()/,/^}}/p;/^task_args()/,/^}}/p" {script})"; BATCH=32; CONTEXT=256; '
+    prog = (f'eval "$(sed -n "/^row_args()/,/^}}/p;/^reset_period()/,/^}}/p;/^task_args()/,/^}}/p" {script})"; BATCH=32; CONTEXT=256; '
             f'row_args {row} && task_args {row}')
     out = subprocess.run(["bash", "-c", prog], capture_output=True, text=True)
     if out.returncode:

@@ -63,12 +63,17 @@ row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream][_shift]
     esac
 }
 
+reset_period() {  # N of a ROW_carryN[_shift] row; nothing for other rows
+    local row=${1%_shift}
+    if [[ $row == *_carry[0-9]* ]]; then echo "${row##*_carry}"; fi
+}
+
 task_args() {  # the data feeding of a row, in training
     local row=${1%_shift} shift_arg=""
     [[ $1 == *_shift ]] && shift_arg=" --fwp-stream-shift"
     case $row in
         *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH$shift_arg" ;;
-        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments ${row##*_carry}$shift_arg" ;;
+        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments $(reset_period "$1")$shift_arg" ;;
         *_stream) echo "--task fwp_stream_lm --batch-size $BATCH$shift_arg" ;;
         *) [[ -z $shift_arg ]] || { echo "error: row $1: _shift needs a stream row (_carry, _carryN, _stream)" >&2; return 1; }
            echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
@@ -118,14 +123,12 @@ for row in "${ROWS[@]}"; do
     bpc=$(bits_of "$test")
     # rows trained with resets every N segments: also scored with the state reset every N
     # segments in evaluation (--fwp-eval-reset-segments N), so that it is never older than in training
-    reset="-"
-    plain=${row%_shift}
-    if [[ $plain == *_carry[0-9]* ]]; then
-        n=${plain##*_carry}
+    reset="-" n=$(reset_period "$row") plain=${row%_shift}
+    if [[ -n $n ]]; then
         reset="$(ppl "$row" "$ckpt" valid "$dir/eval_valid_reset.log" --fwp-eval-reset-segments "$n") / $(ppl "$row" "$ckpt" test "$dir/eval_test_reset.log" --fwp-eval-reset-segments "$n")"
     fi
     carry=$([[ $plain == *_carry ]] && echo yes || echo no)
-    [[ $plain == *_carry[0-9]* ]] && carry="yes, reset every ${plain##*_carry} segments (staggered)"
+    [[ -n $n ]] && carry="yes, reset every $n segments (staggered)"
     [[ $plain == *_stream ]] && carry="no (trained on unshuffled streams)"
     [[ $row == *_shift ]] && carry="$carry, shifted passes"
     line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc | $reset |"
