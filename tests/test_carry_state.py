@@ -313,9 +313,10 @@ def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
     script = os.path.join(os.path.dirname(PKG), "examples", "language_model", "carry_state_drift.py")
     out = run("carry_state_drift.py", cmd=[sys.executable, script, str(checkpoint), "--data", str(data_dir),
                                            "--split", "test", "--tokens-per-sample", "16", "--bin-segments", "2",
-                                           "--reset-segments", str(reset)])
+                                           "--reset-segments", str(reset), "--fold", "4"])
     m = re.search(r"whole split: ([0-9.]+) bits", out)
     assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
+    assert "position     2-    3 of every 4 segments:" in out, out[-3000:]
     want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state",
                     "--fwp-eval-reset-segments", str(reset))
     assert float(m.group(1)) == pytest.approx(want, abs=1e-4)
@@ -323,6 +324,28 @@ def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
         assert want != pytest.approx(eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm",
                                               "--fwp-carry-state"), abs=1e-3)
 
+
+
+def test_drift_script_fold_pools_segments_by_position_in_period():
+    """carry_state_drift.py --fold N: segment k counts at position k mod N, grouped 0, 1, 2-3,
+    4-7, ...; the token-weighted mean over the groups is the whole split's loss."""
+    import math
+    sys.path.insert(0, os.path.join(os.path.dirname(PKG), "examples", "language_model"))
+    try:
+        from carry_state_drift import fold_bins
+    finally:
+        sys.path.pop(0)
+    ln2 = math.log(2)
+    segs = {k: ((k % 5 + 1) * ln2 * (10 + k), 10 + k) for k in range(23)}  # bits of segment k: k % 5 + 1
+    got = fold_bins(segs, 5)
+    assert [(lo, hi) for lo, hi, _, _ in got] == [(0, 0), (1, 1), (2, 3), (4, 4)]
+    assert got[0][2] == pytest.approx(1) and got[1][2] == pytest.approx(2) and got[3][2] == pytest.approx(5)
+    want3 = sum(s for k, (s, c) in segs.items() if k % 5 in (2, 3)) / sum(c for k, (s, c) in segs.items()
+                                                                             if k % 5 in (2, 3)) / ln2
+    assert got[2][2] == pytest.approx(want3)
+    assert sum(t for *_, t in got) == sum(c for _, c in segs.values())
+    assert [(lo, hi) for lo, hi, _, _ in fold_bins(segs, 32)] == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31)]
+    assert fold_bins(segs, 0) == []
 
 
 @pytest.mark.slow

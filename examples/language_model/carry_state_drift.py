@@ -3,7 +3,7 @@ each layer's carried fast weights (task fwp_stream_lm --fwp-carry-state, fwp_lm)
 
     python examples/language_model/carry_state_drift.py CHECKPOINT [--data data-bin/tinyshakespeare]
         [--split valid] [--streams 1] [--tokens-per-sample 256] [--bin-segments 20]
-        [--reset-segments 128] [--context-window 192]
+        [--reset-segments 128] [--context-window 192] [--fold 32]
 
 Prints, for each bin of consecutive segments, the loss (bits per token) of the tokens in it, and
 the Frobenius norm of every layer's carried state S after 1, 2, 4, ... segments; the last line is
@@ -15,6 +15,10 @@ A checkpoint trained without carried state (task language_modeling) is scored th
 run_carry_state.sh scores it, with sliding windows of --tokens-per-sample tokens of which the
 last (tokens-per-sample - context-window) are scored, and binned by the same segments, so that
 the two models of a pair can be compared bin by bin on the same text.
+
+--fold N also prints the loss by position within each period of N segments (position 0, 1,
+2-3, 4-7, ...): with N the reset period, what a carried state adds as it ages; the same N on the
+model without carried state gives the numbers to compare on the same characters.
 """
 import argparse
 import math
@@ -35,7 +39,11 @@ def main(argv=None):
     ap.add_argument("--context-window", type=int, default=None,
                     help="checkpoints without carried state: context tokens of each sliding window "
                          "(default: 3/4 of --tokens-per-sample, as run_carry_state.sh)")
+    ap.add_argument("--fold", type=int, default=0,
+                    help="also print the loss by position within each period of N segments")
     args = ap.parse_args(argv)
+    if args.fold < 0 or args.bin_segments < 1:
+        raise SystemExit("--fold must be >= 0 and --bin-segments >= 1")
 
     from fairseq import checkpoint_utils
 
@@ -62,7 +70,7 @@ def main(argv=None):
     batches = task.eval_lm_dataloader(task.dataset(args.split), num_workers=0)
     pad = task.target_dictionary.pad()
 
-    bins, total, count, report = {}, 0.0, 0, 1
+    segs, total, count, report = {}, 0.0, 0, 1
     print(f"{args.split}: {args.streams} stream(s), {len(layers)} fast-weight layers")
     with torch.no_grad():
         for b, batch in enumerate(batches):
@@ -73,21 +81,45 @@ def main(argv=None):
             nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[keep].sum().item()
             n = int(keep.sum())
             total, count = total + nll, count + n
-            s, c = bins.get(b // args.bin_segments, (0.0, 0))
-            bins[b // args.bin_segments] = (s + nll, c + n)
+            segs[b] = (nll, n)
             if b + 1 == report:  # after 1, 2, 4, ... segments
                 report *= 2
                 norms = " ".join(f"{layer._carried['eval'][0].norm().item():9.2f}" for layer in layers)
                 print(f"after {b + 1:5d} segments: |S| per layer {norms}", flush=True)
-    _report(bins, args.bin_segments, total, count)
+    _report(segs, args.bin_segments, total, count, args.fold)
 
 
-def _report(bins, bin_segments, total, count):
+def _report(segs, bin_segments, total, count, fold=0):
+    """segs: {segment index: (nll sum in nats, tokens)}."""
+    bins = {}
+    for k, (s, c) in segs.items():
+        bs, bc = bins.get(k // bin_segments, (0.0, 0))
+        bins[k // bin_segments] = (bs + s, bc + c)
     for k, (s, c) in sorted(bins.items()):
         first = k * bin_segments
         print(f"segments {first:5d}-{first + bin_segments - 1:5d}: {s / c / math.log(2):.4f} bits/token")
+    for lo, hi, bits, tokens in fold_bins(segs, fold):
+        print(f"position {lo:5d}-{hi:5d} of every {fold} segments: {bits:.4f} bits/token ({tokens:,} tokens)")
     print(f"whole split: {total / count / math.log(2):.4f} bits/token "
           f"(perplexity {2 ** (total / count / math.log(2)):.2f})")
+
+
+def fold_bins(segs, fold):
+    """Pool the segments {index: (nll sum in nats, tokens)} by position within each period of
+    `fold` segments, in groups 0, 1, 2-3, 4-7, ...: [(first, last, bits per token, tokens)]."""
+    if not fold:
+        return []
+    groups, lo = [], 0
+    while lo < fold:
+        hi = min(fold, max(1, 2 * lo)) - 1
+        groups.append((lo, hi))
+        lo = hi + 1
+    pooled = {g: (0.0, 0) for g in groups}
+    for k, (s, c) in segs.items():
+        pos = k % fold
+        g = next(g for g in groups if g[0] <= pos <= g[1])
+        pooled[g] = (pooled[g][0] + s, pooled[g][1] + c)
+    return [(lo, hi, s / c / math.log(2), c) for (lo, hi), (s, c) in pooled.items() if c]
 
 
 def sliding_windows(model, task, args):
@@ -129,11 +161,8 @@ def sliding_windows(model, task, args):
             idx = blocks[:, None] + torch.arange(stride - seg, stride)[None]
             lp = model.get_normalized_probs(model(inp[idx]), log_probs=True)[:, context:]
             nll[idx[:, context:]] = -lp.gather(-1, tgt[idx[:, context:]].unsqueeze(-1)).squeeze(-1)
-    bins = {}
-    for k in range(0, n, seg * args.bin_segments):
-        chunk = nll[k:k + seg * args.bin_segments]
-        bins[k // (seg * args.bin_segments)] = (chunk.sum().item(), len(chunk))
-    _report(bins, args.bin_segments, nll.sum().item(), n)
+    segs = {k // seg: (nll[k:k + seg].sum().item(), len(nll[k:k + seg])) for k in range(0, n, seg)}
+    _report(segs, args.bin_segments, nll.sum().item(), n, args.fold)
 
 
 if __name__ == "__main__":
