@@ -325,7 +325,6 @@ def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
                                               "--fwp-carry-state"), abs=1e-3)
 
 
-
 def test_drift_script_fold_pools_segments_by_position_in_period():
     """carry_state_drift.py --fold N: segment k counts at position k mod N, grouped 0, 1, 2-3,
     4-7, ...; the token-weighted mean over the groups is the whole split's loss."""
@@ -344,6 +343,8 @@ def test_drift_script_fold_pools_segments_by_position_in_period():
                                                                              if k % 5 in (2, 3)) / ln2
     assert got[2][2] == pytest.approx(want3)
     assert sum(t for *_, t in got) == sum(c for _, c in segs.values())
+    whole = sum(s for s, _ in segs.values()) / sum(c for _, c in segs.values()) / ln2
+    assert sum(bits * t for _, _, bits, t in got) / sum(t for *_, t in got) == pytest.approx(whole)
     assert [(lo, hi) for lo, hi, _, _ in fold_bins(segs, 32)] == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31)]
     assert fold_bins(segs, 0) == []
 

@@ -91,11 +91,7 @@ def main(argv=None):
 
 def _report(segs, bin_segments, total, count, fold=0):
     """segs: {segment index: (nll sum in nats, tokens)}."""
-    bins = {}
-    for k, (s, c) in segs.items():
-        bs, bc = bins.get(k // bin_segments, (0.0, 0))
-        bins[k // bin_segments] = (bs + s, bc + c)
-    for k, (s, c) in sorted(bins.items()):
+    for k, (s, c) in sorted(_pool(segs, lambda i: i // bin_segments).items()):
         first = k * bin_segments
         print(f"segments {first:5d}-{first + bin_segments - 1:5d}: {s / c / math.log(2):.4f} bits/token")
     for lo, hi, bits, tokens in fold_bins(segs, fold):
@@ -104,22 +100,23 @@ def _report(segs, bin_segments, total, count, fold=0):
           f"(perplexity {2 ** (total / count / math.log(2)):.2f})")
 
 
+def _pool(segs, key):
+    """Sum the segments {index: (nll, tokens)} that share key(index): {key: (nll, tokens)}."""
+    pooled = {}
+    for i, (s, c) in segs.items():
+        ps, pc = pooled.get(key(i), (0.0, 0))
+        pooled[key(i)] = (ps + s, pc + c)
+    return pooled
+
+
 def fold_bins(segs, fold):
     """Pool the segments {index: (nll sum in nats, tokens)} by position within each period of
     `fold` segments, in groups 0, 1, 2-3, 4-7, ...: [(first, last, bits per token, tokens)]."""
     if not fold:
         return []
-    groups, lo = [], 0
-    while lo < fold:
-        hi = min(fold, max(1, 2 * lo)) - 1
-        groups.append((lo, hi))
-        lo = hi + 1
-    pooled = {g: (0.0, 0) for g in groups}
-    for k, (s, c) in segs.items():
-        pos = k % fold
-        g = next(g for g in groups if g[0] <= pos <= g[1])
-        pooled[g] = (pooled[g][0] + s, pooled[g][1] + c)
-    return [(lo, hi, s / c / math.log(2), c) for (lo, hi), (s, c) in pooled.items() if c]
+    # the group of position p starts at the highest power of two <= p (0 for p = 0)
+    pooled = _pool(segs, lambda i: (i % fold) and 1 << ((i % fold).bit_length() - 1))
+    return [(lo, min(fold, max(1, 2 * lo)) - 1, s / c / math.log(2), c) for lo, (s, c) in sorted(pooled.items())]
 
 
 def sliding_windows(model, task, args):
@@ -161,7 +158,7 @@ def sliding_windows(model, task, args):
             idx = blocks[:, None] + torch.arange(stride - seg, stride)[None]
             lp = model.get_normalized_probs(model(inp[idx]), log_probs=True)[:, context:]
             nll[idx[:, context:]] = -lp.gather(-1, tgt[idx[:, context:]].unsqueeze(-1)).squeeze(-1)
-    segs = {k // seg: (nll[k:k + seg].sum().item(), len(nll[k:k + seg])) for k in range(0, n, seg)}
+    segs = {i: (chunk.sum().item(), len(chunk)) for i, chunk in enumerate(nll.split(seg))}
     _report(segs, args.bin_segments, nll.sum().item(), n, args.fold)
 
 
