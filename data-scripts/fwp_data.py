@@ -109,7 +109,8 @@ def spm_encode(a):
 
 def make_dict(a):
     """fairseq dict.txt from the *encoded* training text, plus every other
-    piece of the sentencepiece vocabulary with count 0.
+    piece of the sentencepiece vocabulary with count 0. --min-count N keeps only
+    the symbols seen at least N times (the rest become fairseq's <unk>).
 
     Counting the encoded text (rather than converting spm's vocab file with its
     scores) cannot drop or misorder a frequent piece; appending the unseen
@@ -128,6 +129,8 @@ def make_dict(a):
             if sp.is_control(i) or sp.is_unknown(i):
                 continue
             counts.setdefault(sp.id_to_piece(i), 0)
+    elif a.min_count > 1:
+        counts = collections.Counter({t: c for t, c in counts.items() if c >= a.min_count})
     with open(a.out, "w", encoding="utf-8") as f:
         for piece, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             f.write(f"{piece} {c}\n")
@@ -183,6 +186,27 @@ def char_split(a):
         print(f"char-split: {name}: characters {len(part)}, lines {len(lines)}", file=sys.stderr)
 
 
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def word_tokenize(a):
+    """Words and single punctuation marks as tokens, one line per line (as char-split:
+    fairseq's </s> stands for the newline; blank lines stay blank)."""
+    if len(a.inputs) != len(a.outputs):
+        sys.exit("word-tokenize: as many --outputs as --inputs")
+    for src, dst in zip(a.inputs, a.outputs):
+        with open(src, encoding="utf-8", newline="") as f:
+            text = f.read()
+        lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+        n = 0
+        with open(dst, "w", encoding="utf-8") as f:
+            for line in lines:
+                toks = WORD.findall(line)
+                n += len(toks)
+                f.write(" ".join(toks) + "\n")
+        print(f"word-tokenize: {src}: {n} words and marks, {len(lines)} lines", file=sys.stderr)
+
+
 def char_decode_line(tokens):
     return "".join(" " if t == SPACE else t for t in tokens)
 
@@ -226,6 +250,7 @@ def main():
     s = sub.add_parser("make-dict", help="fairseq dict.txt from encoded text")
     s.add_argument("--out", required=True)
     s.add_argument("--model", help="sentencepiece model whose unseen pieces are appended")
+    s.add_argument("--min-count", type=int, default=1, help="drop symbols seen fewer times")
     s.add_argument("encoded", nargs="+")
     s.set_defaults(fn=make_dict)
 
@@ -239,6 +264,11 @@ def main():
     s.add_argument("--out-dir", required=True)
     s.add_argument("--fractions", default="0.9,0.05,0.05")
     s.set_defaults(fn=char_split)
+
+    s = sub.add_parser("word-tokenize", help="words and punctuation marks as tokens")
+    s.add_argument("--inputs", nargs="+", required=True)
+    s.add_argument("--outputs", nargs="+", required=True)
+    s.set_defaults(fn=word_tokenize)
 
     s = sub.add_parser("sgm-to-text", help="extract <seg> lines of a WMT .sgm file")
     s.add_argument("--input", required=True)

@@ -4,6 +4,7 @@ binarised output, dictionary sanity, round trips, idempotency, clear errors."""
 import gzip
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,32 @@ def test_tinyshakespeare_binarised_and_round_trip(shakespeare, shared_data):
         syms = [d[j] for j in valid[i][:-1].tolist()]  # drop </s>
         lines.append("".join(" " if s == "\u2581" else s for s in syms))
     assert "\n".join(lines) == splits["valid"].rstrip("\n")
+
+
+def test_tinyshakespeare_words(shared_data, tmp_path):
+    """--words: the character split's text as words and marks, one line per line; words seen
+    once in train become <unk>; a different setting in the same --out is refused."""
+    out = str(tmp_path / "w")
+    src = os.path.join(shared_data, "tinyshakespeare")
+    p = run_script("prepare-tinyshakespeare.sh", "--words", "--from", src, "--out", out)
+    assert "word tokens" in p.stdout
+    d, valid = load_split(out, "valid", "dict.txt")
+    assert 6000 < len(d) < 8000
+    with open(os.path.join(out, "tok", "valid.txt"), encoding="utf-8") as f:
+        lines = f.read().rstrip("\n").split("\n")
+    assert len(valid) == len(lines)
+    for i in (0, 1, len(lines) // 2, len(lines) - 1):
+        words = re.findall(r"\w+|[^\w\s]", lines[i])
+        got = [d[j] for j in valid[i][:-1].tolist()]  # drop </s>
+        assert got == [w if d.index(w) != d.unk() else "<unk>" for w in words]
+    unk = sum(int((valid[i] == d.unk()).sum()) for i in range(len(valid)))
+    total = sum(len(valid[i]) for i in range(len(valid)))
+    assert 0.02 < unk / total < 0.1
+    p = run_script("prepare-tinyshakespeare.sh", "--words", "--min-count", "3", "--from", src,
+                   "--out", out, check=False)
+    assert p.returncode != 0 and "other settings" in p.stderr
+    p = run_script("prepare-tinyshakespeare.sh", "--words", "--min-count", "0", "--out", out, check=False)
+    assert p.returncode != 0 and "--min-count must be a positive integer" in p.stderr
 
 
 def test_tinyshakespeare_second_run_is_noop(shakespeare, shared_data):

@@ -30,7 +30,8 @@
 #                   training streams are cut at a new offset each pass (--fwp-stream-shift)
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
-# Environment: DATA (data-bin/tinyshakespeare)  OUT (results/carry_state)  MAX_UPDATE (2000)
+# Environment: DATA (data-bin/tinyshakespeare; data-bin/tinyshakespeare-words from
+#   prepare-tinyshakespeare.sh --words for word level)  OUT (results/carry_state)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per segment)  BATCH (32: segments / streams per update)  SEED (1)
 #   HEADS (4: attention heads of the 256-dim model; the paper's medium WikiText-103 model has
 #   8 heads of 32; see benchmarks/delta_state_settling.py for how the head size affects how
@@ -94,7 +95,7 @@ ppl() {  # ppl ROW CKPT SUBSET LOG [EXTRA EVAL ARGS]
 }
 
 mkdir -p "$OUT"
-table_header "$OUT/table.md" "| row | fwp options | heads | carried state | params | updates | train time | valid ppl | test ppl | test bits/char | valid / test ppl, eval reset every N |"
+table_header "$OUT/table.md" "| row | fwp options | heads | carried state | params | updates | train time | valid ppl | test ppl | test bits/token | valid / test ppl, eval reset every N |"
 
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
