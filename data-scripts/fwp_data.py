@@ -161,6 +161,11 @@ def check_unk(a):
 
 # ---------------------------------------------------------------- characters
 
+def text_lines(text):
+    """The lines of a text; a trailing newline does not open a new (empty) line."""
+    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+
+
 def char_split(a):
     """Split a text by character offsets (first f0, next f1, rest) and write
     character-level token files: one token per character, space as U+2581,
@@ -178,8 +183,7 @@ def char_split(a):
     for name, part in parts.items():
         with open(os.path.join(a.out_dir, f"{name}.txt"), "w", encoding="utf-8", newline="") as f:
             f.write(part)
-        # A trailing newline does not open a new (empty) line.
-        lines = part[:-1].split("\n") if part.endswith("\n") else part.split("\n")
+        lines = text_lines(part)
         with open(os.path.join(a.out_dir, f"{name}.tok"), "w", encoding="utf-8") as f:
             for line in lines:
                 f.write(" ".join(SPACE if c == " " else c for c in line) + "\n")
@@ -197,7 +201,7 @@ def word_tokenize(a):
     for src, dst in zip(a.inputs, a.outputs):
         with open(src, encoding="utf-8", newline="") as f:
             text = f.read()
-        lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+        lines = text_lines(text)
         n = 0
         with open(dst, "w", encoding="utf-8") as f:
             for line in lines:
