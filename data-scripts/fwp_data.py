@@ -117,6 +117,8 @@ def make_dict(a):
     pieces (byte-fallback pieces included) means valid/test text encoded by the
     same model can never hit fairseq's <unk>.
     """
+    if a.model and a.min_count > 1:
+        sys.exit("make-dict: --min-count drops pieces that --model would add back; use one of them")
     counts = collections.Counter()
     for p in a.encoded:
         for line in read_lines(p):

@@ -171,6 +171,10 @@ def test_tinyshakespeare_words(shared_data, tmp_path):
     assert p.returncode != 0 and "other settings" in p.stderr
     p = run_script("prepare-tinyshakespeare.sh", "--words", "--min-count", "0", "--out", out, check=False)
     assert p.returncode != 0 and "--min-count must be a positive integer" in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(SCRIPTS, "fwp_data.py"), "make-dict", "--out",
+                        str(tmp_path / "d.txt"), "--model", "m.model", "--min-count", "2", os.devnull],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "use one of them" in p.stderr
 
 
 def test_tinyshakespeare_second_run_is_noop(shakespeare, shared_data):
