@@ -123,6 +123,7 @@ def make_dict(a):
     for p in a.encoded:
         for line in read_lines(p):
             counts.update(line.split())
+    counts = {t: c for t, c in counts.items() if c >= a.min_count}
     if a.model:
         import sentencepiece as spm
 
@@ -131,8 +132,6 @@ def make_dict(a):
             if sp.is_control(i) or sp.is_unknown(i):
                 continue
             counts.setdefault(sp.id_to_piece(i), 0)
-    elif a.min_count > 1:
-        counts = collections.Counter({t: c for t, c in counts.items() if c >= a.min_count})
     with open(a.out, "w", encoding="utf-8") as f:
         for piece, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             f.write(f"{piece} {c}\n")

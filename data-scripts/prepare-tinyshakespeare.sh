@@ -53,10 +53,10 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $MIN_COUNT =~ ^[1-9][0-9]*$ ]] || die "--min-count must be a positive integer, got $MIN_COUNT"
 if [[ $WORDS == 1 ]]; then
-    OUT=${OUT:-$REPO_ROOT/data-bin/tinyshakespeare-words}
+    OUT=${OUT:-$REPO_ROOT/data-bin/tinyshakespeare-words} UNIT=word
     SETTINGS="tinyshakespeare word-level min-count=$MIN_COUNT split=$FRACTIONS"
 else
-    OUT=${OUT:-$REPO_ROOT/data-bin/tinyshakespeare}
+    OUT=${OUT:-$REPO_ROOT/data-bin/tinyshakespeare} UNIT=character
     SETTINGS="tinyshakespeare char-level split=$FRACTIONS"
 fi
 finish_options "Tiny Shakespeare" "$SETTINGS"
@@ -92,5 +92,5 @@ fairseq_preprocess --only-source --srcdict "$OUT/tok/dict.txt" \
 
 write_stamp "$OUT" "$SETTINGS"
 report "$OUT"
-echo "Raw splits: $OUT/tok/{train,valid,test}.txt; $([[ $WORDS == 1 ]] && echo word || echo character) tokens: $OUT/tok/*.tok"
+echo "Raw splits: $OUT/tok/{train,valid,test}.txt; $UNIT tokens: $OUT/tok/*.tok"
 echo "Train: fairseq-train $OUT --user-dir fwp_fairseq --task language_modeling ... (examples/language_model/)"
