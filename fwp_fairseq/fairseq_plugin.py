@@ -3,10 +3,9 @@ models/, tasks/ and criterions/ is imported so that its @register_* decorators r
 import importlib
 import pkgutil
 
-from . import checkpoint_compat  # noqa: F401  (torch>=2.6 checkpoint loading)
-from . import numpy_compat  # noqa: F401  (numpy>=2: np.compat in fairseq's LM inference data)
-from . import distributed_compat  # noqa: F401  (torchrun on CPU)
-from . import criterions, models, tasks
+from . import compat, criterions, models, tasks
+
+compat.install_all()  # before fairseq loads a checkpoint or sets up distributed training
 
 
 def _import_all(package):

@@ -2,7 +2,7 @@
 # The small real recipe runs (issues 6 and 7) on one lent GPU, every row at once, each row its
 # own fairseq process (they are launch-bound, so a single small model leaves the GPU mostly idle):
 #   Multi30k De->En      examples/translation/run_multi30k.sh        softmax linear dpfp delta
-#   carried fast weights examples/language_model/run_carry_state.sh  deltanet deltanet_carry linear_carry
+#   carried fast weights experiments/carried_state/run_carry_state.sh  deltanet deltanet_carry linear_carry
 # Each row keeps its script's own budget (MAX_UPDATE); --stop-time-hours stops a row that would
 # miss RECIPES_DEADLINE (epoch seconds) early enough to still be evaluated, and the table says how
 # many updates it ran. Everything but the checkpoints ends in $OUT/recipes.tar.gz, the tables also
@@ -41,7 +41,7 @@ for r in $RECIPES; do
   case $r in
     multi30k) for m in ${MULTI30K_ROWS:-softmax linear dpfp delta}; do rows+=("examples/translation/run_multi30k.sh:$m"); done ;;
     carry_state) for m in ${CARRY_STATE_ROWS:-deltanet deltanet_carry linear_carry}; do
-                   rows+=("examples/language_model/run_carry_state.sh:$m"); done ;;
+                   rows+=("experiments/carried_state/run_carry_state.sh:$m"); done ;;
     *) log "unknown recipe $r"; exit 2 ;;
   esac
 done

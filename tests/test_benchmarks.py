@@ -5,8 +5,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+def _load(name, folder="benchmarks"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -36,7 +36,7 @@ def test_benchmark_priority_covers_every_method():
 
 
 def test_delta_state_settling_reports_each_doubling(tmp_path):
-    settling = _load("delta_state_settling")
+    settling = _load("delta_state_settling", os.path.join("experiments", "carried_state"))
     norms = settling.settle(settling.FEATURES["linear (elu+1)"][0], T=1500, d=8, beta=0.5, segment=300)
     assert sorted(norms) == [256, 512, 1024, 1500]
     assert all(v > 0 for v in norms.values())

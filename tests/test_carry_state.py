@@ -51,9 +51,7 @@ def data_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("offset", [0, 5, 26])
-def test_streams_cover_every_token_once_and_shards_are_disjoint(offset):
-    """Also rotated by an offset (--fwp-stream-shift): x_{1+o}..x_N, x_1..x_o."""
+def test_streams_cover_every_token_once_and_shards_are_disjoint():
     eos, pad = 2, 1
     lines = [torch.arange(10 * i + 4, 10 * i + 4 + n) for i, n in enumerate([3, 7, 1, 5, 9, 2])]
     stream = TokenStream(lines, pad, eos)
@@ -61,7 +59,7 @@ def test_streams_cover_every_token_once_and_shards_are_disjoint(offset):
     seen, rows = [], {}
     lengths = set()
     for shard in range(2):
-        seg = stream.segments(streams_per_shard=2, segment_len=3, num_shards=2, shard_id=shard, offset=offset)
+        seg = stream.segments(streams_per_shard=2, segment_len=3, num_shards=2, shard_id=shard)
         lengths.add(len(seg))
         for i in range(len(seg)):
             b = seg.collater([seg[i]])
@@ -76,12 +74,10 @@ def test_streams_cover_every_token_once_and_shards_are_disjoint(offset):
         src, tgt = torch.cat(rows[sid][0]), torch.cat(rows[sid][1])
         real = tgt.ne(pad)
         seen.append(tgt[real])
-        # input = target shifted right by one, </s> before the very first token (unrotated)
-        rot = torch.roll(flat, -offset)
-        before = flat[offset - 1:offset] if offset else torch.tensor([eos])
-        prev = torch.cat([before, rot])[sid * len(tgt):sid * len(tgt) + len(tgt)]
+        # input = target shifted right by one, </s> before the very first token
+        prev = torch.cat([torch.tensor([eos]), flat])[sid * len(tgt):sid * len(tgt) + len(tgt)]
         assert torch.equal(src[real], prev[:len(src)][real])
-    assert torch.equal(torch.cat(seen), rot)  # every token a target exactly once, in order
+    assert torch.equal(torch.cat(seen), flat)  # every token a target exactly once, in order
 
 
 def test_too_many_streams_is_an_error():
@@ -310,7 +306,7 @@ def test_distributed_training_two_workers(data_dir):
 def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
     """examples/language_model/carry_state_drift.py: its whole-split loss is fairseq-eval-lm's
     (also with the state reset every 2 segments: --reset-segments / --fwp-eval-reset-segments)."""
-    script = os.path.join(os.path.dirname(PKG), "examples", "language_model", "carry_state_drift.py")
+    script = os.path.join(os.path.dirname(PKG), "experiments", "carried_state", "carry_state_drift.py")
     out = run("carry_state_drift.py", cmd=[sys.executable, script, str(checkpoint), "--data", str(data_dir),
                                            "--split", "test", "--tokens-per-sample", "16", "--bin-segments", "2",
                                            "--reset-segments", str(reset), "--fold", "4"])
@@ -329,7 +325,7 @@ def test_drift_script_fold_pools_segments_by_position_in_period():
     """carry_state_drift.py --fold N: segment k counts at position k mod N, grouped 0, 1, 2-3,
     4-7, ...; the token-weighted mean over the groups is the whole split's loss."""
     import math
-    sys.path.insert(0, os.path.join(os.path.dirname(PKG), "examples", "language_model"))
+    sys.path.insert(0, os.path.join(os.path.dirname(PKG), "experiments", "carried_state"))
     try:
         from carry_state_drift import fold_bins
     finally:
@@ -358,7 +354,7 @@ def test_drift_script_sliding_windows_match_eval_lm(data_dir):
     train[train.index("--task") + 1:train.index("--task") + 1] = ["language_modeling", "--sample-break-mode", "none"]
     run("fairseq-train", data_dir, *train, "--max-update", "3", "--save-dir", save)
     ckpt = save / "checkpoint_last.pt"
-    script = os.path.join(os.path.dirname(PKG), "examples", "language_model", "carry_state_drift.py")
+    script = os.path.join(os.path.dirname(PKG), "experiments", "carried_state", "carry_state_drift.py")
     out = run("carry_state_drift.py", cmd=[sys.executable, script, str(ckpt), "--data", str(data_dir),
                                            "--split", "test", "--tokens-per-sample", "16", "--context-window", "12",
                                            "--bin-segments", "2"])
@@ -366,30 +362,6 @@ def test_drift_script_sliding_windows_match_eval_lm(data_dir):
     assert m and "sliding windows of 16 scoring the last 4" in out and "segments     0-    1:" in out, out[-3000:]
     want = eval_cli(data_dir, ckpt, 16, "--task", "language_modeling", "--context-window", "12")
     assert float(m.group(1)) == pytest.approx(want, abs=1e-4)
-
-def test_stream_shift_moves_training_streams_each_pass(data_dir):
-    """--fwp-stream-shift: the first pass is unshifted, later passes start the streams at an offset
-    drawn from the seed and the epoch (the same on every worker); validation never moves."""
-    task, _ = setup(data_dir, "--fwp-stream-shift")
-    task.load_dataset("train")
-    task.load_dataset("valid")
-
-    def first_batch(split, epoch, shard=0, seed=1):
-        it = task.get_batch_iterator(task.dataset(split), seed=seed, epoch=epoch, num_shards=2, shard_id=shard)
-        return next(iter(it.next_epoch_itr(shuffle=False)))
-
-    plain = task.dataset("train").segments(3, 16, num_shards=2, shard_id=0)
-    unshifted = plain.collater([plain[0]])
-    assert torch.equal(first_batch("train", 1)["target"], unshifted["target"])
-    e2, e3 = first_batch("train", 2), first_batch("train", 3)
-    assert not torch.equal(e2["target"], unshifted["target"]) and not torch.equal(e2["target"], e3["target"])
-    assert torch.equal(e2["target"], first_batch("train", 2)["target"])  # reproducible
-    # the same offset on both workers: their streams stay disjoint
-    seg0, seg1 = (task.get_batch_iterator(task.dataset("train"), seed=1, epoch=2, num_shards=2, shard_id=w).dataset
-                  for w in (0, 1))
-    assert seg0.offset == seg1.offset > 0
-    assert torch.equal(first_batch("valid", 2)["target"], first_batch("valid", 1)["target"])
-
 
 def test_staggered_resets_keep_every_age_in_each_batch(data_dir):
     """--fwp-carry-reset-segments N: row r restarts from zero at the training segments k with

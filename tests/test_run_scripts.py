@@ -1,5 +1,5 @@
 """The shell scripts: every one parses (bash -n), and run_carry_state.sh turns row names
-(MODEL[_l2][_carry[N]|_stream][_shift]) into the right model and task flags."""
+(MODEL[_l2][_carry[N]|_stream]) into the right model and task flags."""
 import glob
 import os
 import re
@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.sh"), recursive=True)
                  + glob.glob(os.path.join(ROOT, "scripts", "*.sh"))
+                 + glob.glob(os.path.join(ROOT, "experiments", "**", "*.sh"), recursive=True)
                  + glob.glob(os.path.join(ROOT, "data-scripts", "*.sh")))
 
 
@@ -20,7 +21,7 @@ def test_script_parses(script):
 
 def carry_row(row):
     """(model flags, training task flags) of a run_carry_state.sh row, from its own functions."""
-    script = os.path.join(ROOT, "examples", "language_model", "run_carry_state.sh")
+    script = os.path.join(ROOT, "experiments", "carried_state", "run_carry_state.sh")
     prog = (f'eval "$(sed -n "/^row_args()/,/^}}/p;/^reset_period()/,/^}}/p;/^task_args()/,/^}}/p" {script})"; BATCH=32; CONTEXT=256; '
             f'row_args {row} && task_args {row}')
     out = subprocess.run(["bash", "-c", prog], capture_output=True, text=True)
@@ -39,21 +40,15 @@ def carry_row(row):
      "--fwp-carry-state --batch-size 32 --fwp-carry-reset-segments 128"),
     ("dpfp_delta_l2_stream", "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta --fwp-l2-normalize",
      "--task fwp_stream_lm --batch-size 32"),
-    ("dpfp_delta_l2_carry128_shift", "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta --fwp-l2-normalize",
-     "--fwp-carry-reset-segments 128 --fwp-stream-shift"),
-    ("deltanet_carry_shift", "--fwp-kernel linear --fwp-update delta", "--fwp-carry-state --batch-size 32 --fwp-stream-shift"),
 ])
 def test_carry_rows(row, model, task):
     got_model, got_task = carry_row(row)
     assert got_model == model
     assert task in got_task
-    assert ("--fwp-carry-reset-segments" in got_task) == bool(re.search(r"_carry\d+(_shift)?$", row))
-    assert ("--fwp-stream-shift" in got_task) == row.endswith("_shift")
+    assert ("--fwp-carry-reset-segments" in got_task) == bool(re.search(r"_carry\d+$", row))
     assert ("--fwp-carry-state" in got_task) == ("_carry" in row)
 
 
 def test_unknown_carry_row_is_an_error():
     with pytest.raises(ValueError, match="unknown row softmax"):
         carry_row("softmax_carry")
-    with pytest.raises(ValueError, match="_shift needs a stream row"):
-        carry_row("deltanet_shift")

@@ -5,9 +5,7 @@ inputs are </s>, x_1..x_{N-1} and its targets x_1..x_N (as fairseq's language_mo
 with --sample-break-mode none), so every token is a target exactly once. The sequence is cut
 into G = streams_per_shard * num_shards streams of equal length L = ceil(N / G) (the last one
 padded); shard s owns streams s*streams_per_shard .. (s+1)*streams_per_shard - 1, whatever the
-epoch, so a worker always continues its own streams. With an offset o the sequence is first
-rotated, x_{1+o}..x_N, x_1..x_o (each input still the token before its target), so that the
-streams of one pass start elsewhere than those of another. Item i is a whole batch: segment i
+epoch, so a worker always continues its own streams. Item i is a whole batch: segment i
 (positions i*T .. i*T + T - 1) of each of the shard's streams, one stream per batch row. Every
 shard has the same number of segments, so distributed workers step together.
 """
@@ -42,12 +40,12 @@ class TokenStream(FairseqDataset):
     def __getitem__(self, i):
         return torch.tensor(int(self.tokens[i]))
 
-    def segments(self, streams_per_shard, segment_len, num_shards=1, shard_id=0, offset=0):
-        return StreamSegments(self, streams_per_shard, segment_len, num_shards, shard_id, offset)
+    def segments(self, streams_per_shard, segment_len, num_shards=1, shard_id=0):
+        return StreamSegments(self, streams_per_shard, segment_len, num_shards, shard_id)
 
 
 class StreamSegments(FairseqDataset):
-    def __init__(self, stream, streams_per_shard, segment_len, num_shards=1, shard_id=0, offset=0):
+    def __init__(self, stream, streams_per_shard, segment_len, num_shards=1, shard_id=0):
         if streams_per_shard < 1 or segment_len < 1:
             raise ValueError(f"streams per worker ({streams_per_shard}) and --tokens-per-sample "
                              f"({segment_len}) must be >= 1")
@@ -60,7 +58,6 @@ class StreamSegments(FairseqDataset):
         self.stream, self.bsz, self.seg = stream, streams_per_shard, segment_len
         self.stream_len = math.ceil(n / g)
         self.first = shard_id * streams_per_shard  # global index of this shard's first stream
-        self.offset = int(offset) % n if n else 0
 
     def __len__(self):
         return math.ceil(self.stream_len / self.seg)
@@ -69,12 +66,11 @@ class StreamSegments(FairseqDataset):
         """Target positions [start, end) of the sequence: tokens, pad past the end."""
         tok = self.stream.tokens
         out = np.full(end - start, self.stream.pad, dtype=np.int64)
-        n, o = len(tok), self.offset
-        a, b = max(start, 0), min(end, n)
+        a, b = max(start, 0), min(end, len(tok))
         if b > a:
-            out[a - start:b - start] = tok[(np.arange(a, b) + o) % n] if o else tok[a:b]
-        if start < 0:  # input before the first token: </s>, or the token before a rotation's start
-            out[:min(0, end) - start] = tok[o - 1] if o else self.stream.eos
+            out[a - start:b - start] = tok[a:b]
+        if start < 0:  # the input before the first token is </s>
+            out[:min(0, end) - start] = self.stream.eos
         return out
 
     def __getitem__(self, i):

@@ -7,8 +7,7 @@ consecutive batches are consecutive segments of the same streams, never shuffled
 one segment to the next, detached (backpropagation within a segment), and resets it where the
 streams start again: each epoch, each validation, each fairseq-eval-lm run (in training with
 --fwp-carry-reset-segments N: each stream every N segments instead, staggered across the batch).
---fwp-eval-reset-segments N resets evaluation streams every N segments; --fwp-stream-shift cuts
-the training streams at a new offset each pass.
+--fwp-eval-reset-segments N resets evaluation streams every N segments.
 Resuming from a checkpoint restarts the state from zero (it is not saved). Training uses --batch-size streams
 per worker (else --max-tokens / --tokens-per-sample); validation and fairseq-eval-lm use
 --eval-streams per worker (1: every token scored once with all earlier context, so the
@@ -20,7 +19,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 from fairseq import utils
 from fairseq.data import data_utils, iterators
 from fairseq.tasks import register_task
@@ -49,12 +47,6 @@ class StreamLMConfig(LanguageModelingConfig):
                                      "every N segments (at segments 0, N, 2N, ...), e.g. the N a model was "
                                      "trained with, so that no state is older than in training; each token "
                                      "then sees the context since the last reset; 0: all earlier context"})
-    fwp_stream_shift: bool = field(
-        default=False, metadata={"help": "training: cut the streams at a different offset each pass (drawn "
-                                         "from --seed and the epoch; the first pass unshifted), so that one "
-                                         "pass's batches are not the last pass's again; still contiguous, "
-                                         "never shuffled (a stream crossing the split's end goes on at its "
-                                         "start)"})
     eval_streams: int = field(
         default=1, metadata={"help": "streams per worker in validation and fairseq-eval-lm (1: every "
                                      "token is scored with all earlier context of its split)"})
@@ -104,13 +96,11 @@ class StreamLanguageModelingTask(LanguageModelingTask):
         raise ValueError("fwp_stream_lm: set the number of streams per worker with --batch-size")
 
     def _iterator(self, stream, streams, num_shards, shard_id, seed=1, num_workers=0, epoch=1,
-                  data_buffer_size=0, skip_remainder_batch=False, shift=False):
-        # Every worker draws the same offset: their streams stay disjoint.
-        offset = int(np.random.default_rng([seed, epoch]).integers(len(stream))) if shift and epoch > 1 else 0
-        segments = stream.segments(streams, self.args.tokens_per_sample, num_shards, shard_id, offset)
+                  data_buffer_size=0, skip_remainder_batch=False):
+        segments = stream.segments(streams, self.args.tokens_per_sample, num_shards, shard_id)
         logger.info(f"worker {shard_id} of {num_shards}: streams {segments.first}..{segments.first + streams - 1} "
                     f"of {streams * num_shards}, {segments.stream_len:,} tokens each, {len(segments)} "
-                    f"segments of {self.args.tokens_per_sample}" + (f", from offset {offset:,}" if offset else ""))
+                    f"segments of {self.args.tokens_per_sample}")
         # The shards are already disjoint sets of streams: the iterator itself must not shard,
         # shuffle or regroup (one dataset item is one batch).
         return iterators.EpochBatchIterator(
@@ -134,8 +124,7 @@ class StreamLanguageModelingTask(LanguageModelingTask):
         is_train = dataset is self.datasets.get(self.args.train_subset)
         return self._iterator(dataset, self._streams_per_shard(is_train), num_shards, shard_id, seed=seed,
                               num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
-                              skip_remainder_batch=skip_remainder_batch,
-                              shift=is_train and self.args.fwp_stream_shift)
+                              skip_remainder_batch=skip_remainder_batch)
 
     def eval_lm_dataloader(self, dataset, max_tokens=36000, batch_size=None, max_positions=None,
                            num_shards=1, shard_id=0, num_workers=1, data_buffer_size=10, context_window=0):

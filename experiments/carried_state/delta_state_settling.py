@@ -1,6 +1,6 @@
 """How long a carried delta-rule state takes to settle, for each feature map (fwp_fairseq.ops only).
 
-    python benchmarks/delta_state_settling.py [--T 65536] [--d 16 32 64] [--beta 0.5] [--out DIR]
+    python experiments/carried_state/delta_state_settling.py [--T 65536] [--d 16 32 64] [--beta 0.5] [--out DIR]
 
 One head of each size d, keys = sum-normalised phi(x) with x ~ N(0, I_d), values correlated with x
 (v = x M + noise, as when both come from the same input), constant beta; the state S is carried

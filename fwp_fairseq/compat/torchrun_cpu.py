@@ -12,9 +12,16 @@ import torch
 _TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 
 
+def needed():
+    """fairseq's torchrun set-up still indexes CUDA devices (the division by zero on CPU)."""
+    import inspect
+    from fairseq.distributed import utils
+    return "device_count()" in inspect.getsource(utils._infer_torch_distributed_launch_init)
+
+
 def install():
     from fairseq.distributed import utils
-    if getattr(utils, "_fwp_distributed_compat", False):
+    if getattr(utils, "_fwp_torchrun_cpu", False):
         return
     infer_init_method = utils.infer_init_method
     launch_init = utils._infer_torch_distributed_launch_init
@@ -36,7 +43,4 @@ def install():
 
     utils.infer_init_method = _infer_init_method
     utils._infer_torch_distributed_launch_init = _launch_init
-    utils._fwp_distributed_compat = True
-
-
-install()
+    utils._fwp_torchrun_cpu = True

@@ -1,6 +1,6 @@
 """numpy >= 2 removed ``np.compat``; fairseq 0.12 still spells int64 as ``np.compat.long`` in
 TokenBlockDataset's "eos" break mode (the language_modeling task's inference dataset, i.e.
-fairseq-interactive with an LM) and in LanguagePairDataset. Scoped like checkpoint_compat: the
+fairseq-interactive with an LM) and in LanguagePairDataset. Scoped like checkpoint_loading: the
 module-level name ``np`` of those two fairseq modules becomes a proxy that adds ``compat.long``;
 numpy itself is left untouched."""
 import types
@@ -18,13 +18,22 @@ class _NumpyWithCompat(types.ModuleType):
         return getattr(np, name)
 
 
-def install():
-    if hasattr(np, "compat"):
-        return  # numpy < 2: nothing to do
+def _modules():
     from fairseq.data import language_pair_dataset, token_block_dataset
-    for module in (token_block_dataset, language_pair_dataset):
-        if getattr(module, "np", None) is np:
+    return token_block_dataset, language_pair_dataset
+
+
+def _uses_compat(module):
+    import inspect
+    return "np.compat" in inspect.getsource(module)
+
+
+def needed():
+    """numpy >= 2 and a fairseq module that still spells np.compat.long."""
+    return not hasattr(np, "compat") and any(_uses_compat(m) for m in _modules())
+
+
+def install():
+    for module in _modules():
+        if getattr(module, "np", None) is np and _uses_compat(module):
             module.np = _NumpyWithCompat()
-
-
-install()

@@ -1,7 +1,7 @@
 """How a carried-state checkpoint fares along its streams: loss by position, and the size of
 each layer's carried fast weights (task fwp_stream_lm --fwp-carry-state, fwp_lm).
 
-    python examples/language_model/carry_state_drift.py CHECKPOINT [--data data-bin/tinyshakespeare]
+    python experiments/carried_state/carry_state_drift.py CHECKPOINT [--data data-bin/tinyshakespeare]
         [--split valid] [--streams 1] [--tokens-per-sample 256] [--bin-segments 20]
         [--reset-segments 128] [--context-window 192] [--fold 32]
 

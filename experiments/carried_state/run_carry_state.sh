@@ -5,7 +5,7 @@
 # Prints markdown table rows (and appends them to $OUT/table.md).
 #
 #   bash data-scripts/prepare-tinyshakespeare.sh --from ../shared/data/tinyshakespeare   # once
-#   MAX_UPDATE=2000 bash examples/language_model/run_carry_state.sh [ROW...]
+#   MAX_UPDATE=2000 bash experiments/carried_state/run_carry_state.sh [ROW...]
 #
 # ROWs (default: deltanet deltanet_carry linear_carry):
 #   deltanet        Delta Net, independent shuffled segments (task language_modeling);
@@ -26,18 +26,16 @@
 #                   batches (task fwp_stream_lm: contiguous streams, never shuffled, each segment
 #                   from a fresh state); evaluated like the rows without carry. It separates
 #                   what the carried state does from what the unshuffled data order does.
-#   ROW_shift       (e.g. dpfp_delta_l2_carry128_shift) a _carry, _carryN or _stream row whose
-#                   training streams are cut at a new offset each pass (--fwp-stream-shift)
 # All rows have no positional encoding (required with carried state; the paper's best Delta Net
 # has none), so the rows differ only in the update rule and in the carry.
 # Environment: DATA (data-bin/tinyshakespeare; data-bin/tinyshakespeare-words from
 #   prepare-tinyshakespeare.sh --words for word level)  OUT (results/carry_state)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per segment)  BATCH (32: segments / streams per update)  SEED (1)
 #   HEADS (4: attention heads of the 256-dim model; the paper's medium WikiText-103 model has
-#   8 heads of 32; see benchmarks/delta_state_settling.py for how the head size affects how
+#   8 heads of 32; see experiments/carried_state/delta_state_settling.py for how the head size affects how
 #   fast a carried state settles)
 #   THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
-source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../examples/run_lib.sh"
 
 DATA=${DATA:-data-bin/tinyshakespeare}
 OUT=${OUT:-results/carry_state}
@@ -50,8 +48,8 @@ ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
 
-row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream][_shift]
-    local base=${1%_shift} l2=""
+row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream]
+    local base=$1 l2=""
     base=${base%_carry*}
     base=${base%_stream}
     [[ $base == *_l2 ]] && { base=${base%_l2}; l2=" --fwp-l2-normalize"; }
@@ -64,20 +62,17 @@ row_args() {  # the model flags of a row: MODEL[_l2][_carry[N]|_stream][_shift]
     esac
 }
 
-reset_period() {  # N of a ROW_carryN[_shift] row; nothing for other rows
-    local row=${1%_shift}
+reset_period() {  # N of a ROW_carryN row; nothing for other rows
+    local row=$1
     if [[ $row == *_carry[0-9]* ]]; then echo "${row##*_carry}"; fi
 }
 
 task_args() {  # the data feeding of a row, in training
-    local row=${1%_shift} shift_arg=""
-    [[ $1 == *_shift ]] && shift_arg=" --fwp-stream-shift"
-    case $row in
-        *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH$shift_arg" ;;
-        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments $(reset_period "$1")$shift_arg" ;;
-        *_stream) echo "--task fwp_stream_lm --batch-size $BATCH$shift_arg" ;;
-        *) [[ -z $shift_arg ]] || { echo "error: row $1: _shift needs a stream row (_carry, _carryN, _stream)" >&2; return 1; }
-           echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
+    case $1 in
+        *_carry) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH" ;;
+        *_carry[0-9]*) echo "--task fwp_stream_lm --fwp-carry-state --batch-size $BATCH --fwp-carry-reset-segments $(reset_period "$1")" ;;
+        *_stream) echo "--task fwp_stream_lm --batch-size $BATCH" ;;
+        *) echo "--task language_modeling --sample-break-mode none --max-tokens $((CONTEXT * BATCH))" ;;
     esac
 }
 
@@ -124,14 +119,13 @@ for row in "${ROWS[@]}"; do
     bpc=$(bits_of "$test")
     # rows trained with resets every N segments: also scored with the state reset every N
     # segments in evaluation (--fwp-eval-reset-segments N), so that it is never older than in training
-    reset="-" n=$(reset_period "$row") plain=${row%_shift}
+    reset="-" n=$(reset_period "$row")
     if [[ -n $n ]]; then
         reset="$(ppl "$row" "$ckpt" valid "$dir/eval_valid_reset.log" --fwp-eval-reset-segments "$n") / $(ppl "$row" "$ckpt" test "$dir/eval_test_reset.log" --fwp-eval-reset-segments "$n")"
     fi
-    carry=$([[ $plain == *_carry ]] && echo yes || echo no)
+    carry=$([[ $row == *_carry ]] && echo yes || echo no)
     [[ -n $n ]] && carry="yes, reset every $n segments (staggered)"
-    [[ $plain == *_stream ]] && carry="no (trained on unshuffled streams)"
-    [[ $row == *_shift ]] && carry="$carry, shifted passes"
+    [[ $row == *_stream ]] && carry="no (trained on unshuffled streams)"
     line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc | $reset |"
     echo "$line" | tee -a "$OUT/table.md"
 done

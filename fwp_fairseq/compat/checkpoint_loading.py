@@ -34,11 +34,22 @@ def _patch(module):
         module.torch = _TorchWithFullLoad()
 
 
-def install():
+def _modules():
     from fairseq import checkpoint_utils
     from fairseq.distributed import utils as distributed_utils
-    for module in (checkpoint_utils, distributed_utils):
+    return checkpoint_utils, distributed_utils
+
+
+def needed():
+    """torch >= 2.6 loads weights only by default; a fairseq that says weights_only=False
+    itself needs nothing."""
+    import inspect
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        return False
+    from fairseq import checkpoint_utils
+    return "weights_only" not in inspect.getsource(checkpoint_utils.load_checkpoint_to_cpu)
+
+
+def install():
+    for module in _modules():
         _patch(module)
-
-
-install()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 on one lent GPU: the carried-state rows of examples/language_model/run_carry_state.sh
+# On one GPU machine without network access: the carried-state rows of experiments/carried_state/run_carry_state.sh
 # for several head sizes and seeds at once (each HEADS x SEED its own scripts/gpu_recipes.sh), then
 # carry_state_drift.py on every checkpoint: loss by position along the validation stream in bins
 # of 40 segments, for a carried row as one stream (what fairseq-eval-lm scores), as 2 streams
@@ -8,15 +8,15 @@
 # Results (few files, as a lent machine returns at most 8):
 # $OUT/summary.md (tables and drift) and $OUT/carry.tar.gz (every row's logs, tables, drift).
 #
-#   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_carry_state.sh
+#   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash experiments/carried_state/gpu_carry_state.sh
 #
 # Environment: CARRY_HEADS ("4")  CARRY_SEEDS ("1")  ROWS_H<HEADS> (the rows for that head
 #   count; default "deltanet deltanet_carry")  plus what gpu_recipes.sh and run_carry_state.sh
 #   read (RECIPES_DEADLINE, EVAL_MARGIN_S, MAX_UPDATE, ...). A seed sweep of one pair:
-#   CARRY_SEEDS="2 3 4" ROWS_H4="dpfp_delta_l2 dpfp_delta_l2_carry128" bash scripts/gpu_carry_state.sh
+#   CARRY_SEEDS="2 3 4" ROWS_H4="dpfp_delta_l2 dpfp_delta_l2_carry128" bash experiments/carried_state/gpu_carry_state.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=${CARRY_WORK:-/tmp/carry_study}
 PY=${PYTHON:-python3}
@@ -42,7 +42,7 @@ log "training and evaluation done"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=2
 drift() {  # drift CKPT NAME [ARGS...]
-  "$PY" examples/language_model/carry_state_drift.py "$1" --data "${DATA:-data-bin/tinyshakespeare}" --bin-segments 40 \
+  "$PY" experiments/carried_state/carry_state_drift.py "$1" --data "${DATA:-data-bin/tinyshakespeare}" --bin-segments 40 \
     "${@:3}" >"$WORK/drift/$2.txt" 2>&1 &
 }
 for ckpt in /tmp/recipes_h*_s*/carry_state_*/*/checkpoints/checkpoint_last.pt; do
@@ -53,8 +53,8 @@ for ckpt in /tmp/recipes_h*_s*/carry_state_*/*/checkpoints/checkpoint_last.pt; d
     *_carry*)
       drift "$ckpt" "${g}_${row}_streams1" --streams 1
       drift "$ckpt" "${g}_${row}_streams2" --streams 2
-      n=${row%_shift}  # ROW_carryN[_shift]: also reset every N segments
-      [[ $n == *_carry[0-9]* ]] && drift "$ckpt" "${g}_${row}_reset" --reset-segments "${n##*_carry}" ;;
+      # ROW_carryN: also reset every N segments
+      [[ $row == *_carry[0-9]* ]] && drift "$ckpt" "${g}_${row}_reset" --reset-segments "${row##*_carry}" ;;
     *) drift "$ckpt" "${g}_${row}_windows" ;;
   esac
 done

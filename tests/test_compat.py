@@ -1,0 +1,48 @@
+"""The fairseq compatibility shims (fwp_fairseq/compat): each one's target still exists in the
+installed fairseq and is patched once the plugin is loaded. A failure here means fairseq changed
+underneath a shim: look at the shim's docstring before anything else."""
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+import fwp_fairseq  # noqa: E402
+
+fwp_fairseq.register()
+from fwp_fairseq.compat import checkpoint_loading, numpy2, torchrun_cpu  # noqa: E402
+
+
+def test_checkpoint_loading_patches_fairseqs_torch_load():
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils
+    assert "torch.load(" in inspect.getsource(checkpoint_utils.load_checkpoint_to_cpu), \
+        "fairseq no longer calls torch.load in load_checkpoint_to_cpu: the shim patches nothing"
+    if not checkpoint_loading.needed():
+        pytest.skip("this torch/fairseq loads fairseq checkpoints without the shim")
+    for module in (checkpoint_utils, utils):
+        assert isinstance(module.torch, checkpoint_loading._TorchWithFullLoad), module.__name__
+        assert module.torch.load.__wrapped__ is torch.load
+    assert torch.load is checkpoint_loading.torch.load  # torch itself is left alone
+
+
+def test_numpy2_gives_fairseqs_datasets_np_compat():
+    from fairseq.data import language_pair_dataset, token_block_dataset
+    if not numpy2.needed():
+        pytest.skip("numpy < 2 or a fairseq without np.compat: nothing to patch")
+    for module in (token_block_dataset, language_pair_dataset):
+        if numpy2._uses_compat(module):
+            assert module.np.compat.long is np.int64, module.__name__
+    assert not hasattr(np, "compat")  # numpy itself is left alone
+
+
+def test_torchrun_cpu_wraps_fairseqs_launch_set_up():
+    from fairseq.distributed import utils
+    for name in ("infer_init_method", "_infer_torch_distributed_launch_init"):
+        assert callable(getattr(utils, name, None)), f"fairseq.distributed.utils.{name} is gone"
+    if not torchrun_cpu.needed():
+        assert not getattr(utils, "_fwp_torchrun_cpu", False)
+        pytest.skip("this fairseq sets up torchrun without CUDA devices by itself")
+    assert utils._fwp_torchrun_cpu
+    assert utils.infer_init_method.__module__ == torchrun_cpu.__name__
