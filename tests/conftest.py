@@ -1,7 +1,10 @@
 import os
+import random
 
 import pytest
 import torch
+
+from helpers import WORDS, run, write_lines
 
 # Tests are sized for 2-core machines; keep torch from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -26,8 +29,6 @@ def shared_data():
 def tiny_lm_corpus(tmp_path_factory):
     """Binarised LM data (lm-bin/: train, valid, test) of 1- to 8-word lines over 12 words,
     shared by the precision, checkpoint and distributed tests."""
-    import random
-    from test_cli import WORDS, run, write_lines
     root = tmp_path_factory.mktemp("tiny_lm")
     rng = random.Random(0)
     for split, n in (("train", 300), ("valid", 20), ("test", 12)):
@@ -35,4 +36,23 @@ def tiny_lm_corpus(tmp_path_factory):
                                             for _ in range(n)])
     run("fairseq-preprocess", "--only-source", "--destdir", root / "lm-bin", "--workers", "1",
         *[x for s in ("train", "valid", "test") for x in (f"--{s}pref", root / f"{s}.txt")])
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A copy task (MT: target = source reversed) and plain text (LM), binarised."""
+    root = tmp_path_factory.mktemp("fwp_cli")
+    rng = random.Random(0)
+    for split, n in (("train", 300), ("valid", 20), ("test", 12)):
+        src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+        write_lines(root / f"{split}.src", src)
+        write_lines(root / f"{split}.tgt", [" ".join(reversed(s.split())) for s in src])
+        write_lines(root / f"{split}.txt", src)
+    pre = ["--trainpref", root / "train", "--validpref", root / "valid", "--testpref", root / "test",
+           "--workers", "1"]
+    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+        "--destdir", root / "mt-bin", *pre)
+    run("fairseq-preprocess", "--only-source", "--destdir", root / "lm-bin", "--workers", "1",
+        *[x for split in ("train", "valid", "test") for x in (f"--{split}pref", root / f"{split}.txt")])
     return root

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("fairseq")
-from test_cli import COMMON, TRAIN, run  # noqa: E402
+from helpers import COMMON, TRAIN, run  # noqa: E402
 
 import fwp_fairseq  # noqa: E402
 

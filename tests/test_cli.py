@@ -2,7 +2,6 @@
 variables of ours: preprocess, train (and resume), generate (beam 4, BLEU), interactive,
 eval-lm (also --context-window), all loading our checkpoints under torch >= 2.6."""
 import os
-import random
 import re
 import subprocess
 import sys
@@ -10,53 +9,7 @@ import sys
 import pytest
 
 pytest.importorskip("fairseq")
-import fwp_fairseq  # noqa: E402
-
-def torch_version():
-    import torch
-    return torch.__version__.split("+")[0]
-
-
-PKG = os.path.dirname(os.path.abspath(fwp_fairseq.__file__))
-BIN = os.path.dirname(sys.executable)
-WORDS = [chr(ord("a") + i) for i in range(12)]
-COMMON = ["--user-dir", PKG, "--cpu", "--seed", "1"]
-TRAIN = ["--optimizer", "adam", "--lr", "1e-3", "--no-progress-bar", "--log-format", "simple",
-         "--log-interval", "1", "--num-workers", "0", "--no-epoch-checkpoints", "--disable-validation"]
-
-
-def run(tool, *args, stdin=None, cwd=None):
-    # Only the thread count is set (2 shared cores); nothing our plugin needs.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([os.path.join(BIN, tool), *map(str, args)], input=stdin, capture_output=True,
-                       text=True, cwd=cwd, env=env, timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{tool} failed:\n{out[-4000:]}"
-    return out
-
-
-def write_lines(path, lines):
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A copy task (MT: target = source reversed) and plain text (LM), binarised."""
-    root = tmp_path_factory.mktemp("fwp_cli")
-    rng = random.Random(0)
-    for split, n in (("train", 300), ("valid", 20), ("test", 12)):
-        src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
-        write_lines(root / f"{split}.src", src)
-        write_lines(root / f"{split}.tgt", [" ".join(reversed(s.split())) for s in src])
-        write_lines(root / f"{split}.txt", src)
-    pre = ["--trainpref", root / "train", "--validpref", root / "valid", "--testpref", root / "test",
-           "--workers", "1"]
-    run("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
-        "--destdir", root / "mt-bin", *pre)
-    run("fairseq-preprocess", "--only-source", "--destdir", root / "lm-bin", "--workers", "1",
-        *[x for split in ("train", "valid", "test") for x in (f"--{split}pref", root / f"{split}.txt")])
-    return root
+from helpers import COMMON, TRAIN, run, torch_version  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from ops_helpers import positive_inputs
+from helpers import positive_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")

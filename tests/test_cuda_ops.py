@@ -7,7 +7,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
 
-from ops_helpers import positive_inputs
+from helpers import positive_inputs
 
 
 def _call(delta, impl, q, k, v, beta, h0, final=True):

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 pytest.importorskip("fairseq")
-from test_cli import COMMON, TRAIN, corpus  # noqa: E402,F401  (corpus: the MT + LM fixture)
+from helpers import COMMON, TRAIN, build, random_tokens  # noqa: E402
 
-import fwp_fairseq  # noqa: E402
-from test_models import build, random_tokens  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPDATES = 3

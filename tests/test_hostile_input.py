@@ -116,7 +116,7 @@ def test_memory_is_linear_in_T(update):
 @pytest.fixture(scope="module")
 def short_corpus(tmp_path_factory):
     """One-token lines, a long line and everything between, binarised for LM and MT."""
-    from test_cli import WORDS, run, write_lines
+    from helpers import WORDS, run, write_lines
     root = tmp_path_factory.mktemp("fwp_hostile")
     rng = random.Random(0)
     for split, n in (("train", 60), ("valid", 8), ("test", 8)):
@@ -137,7 +137,7 @@ def short_corpus(tmp_path_factory):
 @pytest.mark.parametrize("kernel, update", [("dpfp", "delta"), ("performer", "sum")])
 def test_lm_cli_one_token_sentences_batch_of_one(short_corpus, kernel, update):
     """eos-broken samples (padded batches of 2-token and 201-token sentences), batch size 1 and 4."""
-    from test_cli import COMMON, TRAIN, run
+    from helpers import COMMON, TRAIN, run
     save = short_corpus / f"lm-{kernel}-{update}"
     lm = ["--task", "language_modeling", "--sample-break-mode", "eos", "--tokens-per-sample", "256"]
     out = run("fairseq-train", short_corpus / "lm-bin", *COMMON, *TRAIN, *lm, "--arch", "fwp_lm_tiny",
@@ -153,7 +153,7 @@ def test_lm_cli_one_token_sentences_batch_of_one(short_corpus, kernel, update):
 
 @pytest.mark.slow
 def test_mt_cli_one_token_sentences_batch_of_one(short_corpus):
-    from test_cli import COMMON, TRAIN, run
+    from helpers import COMMON, TRAIN, run
     save = short_corpus / "mt"
     run("fairseq-train", short_corpus / "mt-bin", *COMMON, *TRAIN, "--arch", "fwp_transformer_tiny",
         "--fwp-kernel", "dpfp", "--fwp-update", "delta", "--batch-size", "4", "--max-update", "6",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("fairseq")
-from legacy_inputs import run_models  # noqa: E402
+from helpers import run_models  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "legacy")
 

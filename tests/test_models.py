@@ -1,15 +1,10 @@
 """fwp_transformer and fwp_lm built in-process: options reach every layer, incremental decoding
 equals the full forward, beam search scores match a rescoring, padding invariance, FAVOR+ draws."""
-import os
-import types
 
 import pytest
 import torch
 
 pytest.importorskip("fairseq")
-from fairseq import models, options  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
@@ -17,32 +12,9 @@ import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
+from helpers import build, random_tokens  # noqa: E402
 
-PKG = os.path.dirname(os.path.abspath(fwp_fairseq.__file__))
-VOCAB = 16
 CASES = [(k, u) for k in ("linear", "performer", "dpfp") for u in ("sum", "delta")]
-
-
-def make_dict(n=VOCAB):
-    d = Dictionary()
-    for i in range(n):
-        d.add_symbol(f"w{i}")
-    return d
-
-
-def build(arch, extra=(), vocab=VOCAB):
-    """Build through fairseq's own path (argparse -> omegaconf -> build_model), so that the
-    dataclass trap of fwp_lm is exercised exactly as under fairseq-train."""
-    task = "language_modeling" if "lm" in arch else "translation"
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(
-        parser, ["/nonexistent", "--task", task, "--arch", arch, "--user-dir", PKG,
-                 "--dropout", "0", *extra])
-    cfg = convert_namespace_to_omegaconf(args)
-    d = make_dict(vocab)
-    t = types.SimpleNamespace(source_dictionary=d, target_dictionary=d)
-    torch.manual_seed(0)
-    return models.build_model(cfg.model, t), d
 
 
 def fast_layers(model):
@@ -56,10 +28,6 @@ def kernel_args(kernel, update, norm=None):
     if norm is False:
         extra.append("--fwp-no-attn-normalize")
     return extra
-
-
-def random_tokens(d, bsz, T, gen):
-    return torch.randint(d.nspecial, len(d), (bsz, T), generator=gen)
 
 
 # -- options reach the layers -------------------------------------------------------------

@@ -4,7 +4,7 @@ import torch
 
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum
 
-from ops_helpers import make_inputs, rel_err, run_with_grads
+from helpers import make_inputs, rel_err, run_with_grads
 
 RULES = {"sum": fast_weight_sum, "delta": fast_weight_delta}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

@@ -4,7 +4,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, fast_weight_delta, fast_weight_sum
 
-from ops_helpers import make_inputs
+from helpers import make_inputs
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import torch
 
 from fwp_fairseq.ops import fast_weight_noncausal, fast_weight_read, fast_weight_state
 
-from ops_helpers import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 
 def test_matches_explicit_sum():

@@ -4,7 +4,7 @@ import torch
 
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum
 
-from ops_helpers import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])

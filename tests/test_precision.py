@@ -113,7 +113,7 @@ def test_feature_maps_take_large_half_inputs():
 
 def _train(corpus, kernel, update, precision, updates=3):
     """fairseq-train on a tiny fwp_lm; returns the per-update losses (finite, all logged)."""
-    from test_cli import COMMON, TRAIN, run
+    from helpers import COMMON, TRAIN, run
     args = [corpus / "lm-bin", *COMMON, *TRAIN, "--task", "language_modeling", "--arch", "fwp_lm_tiny",
             "--fwp-kernel", kernel, "--fwp-update", update, "--fwp-performer-features", "8",
             "--tokens-per-sample", "32", "--sample-break-mode", "none", "--max-tokens", "256",

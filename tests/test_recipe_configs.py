@@ -7,7 +7,7 @@ import re
 import pytest
 
 pytest.importorskip("fairseq")
-from test_cli import PKG, corpus, run  # noqa: E402,F401  (corpus: the copy-task MT fixture)
+from helpers import PKG, run  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(PKG), "examples")
 # The paper's models, shrunk to what a 12-word corpus and a CPU can take: 2 layers instead of 16,

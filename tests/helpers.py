@@ -1,0 +1,165 @@
+"""Helpers shared by the tests (one module; test files never import each other).
+
+- ops: inputs for the recurrences (sum-normalised features keep the delta rule contractive, so
+  fp32 comparisons measure the algorithm, not an exploding recurrence), errors, gradients;
+- fairseq CLIs: run a fairseq command with --user-dir and nothing else of ours;
+- models: build a model through fairseq's own argparse -> omegaconf -> build_model path;
+- legacy checkpoints (tests/fixtures/legacy): fixed inputs, forward passes, greedy decoding.
+fairseq is imported inside the functions that need it: the ops tests run without it."""
+import os
+import subprocess
+import sys
+import types
+
+import torch
+
+import fwp_fairseq
+
+PKG = os.path.dirname(os.path.abspath(fwp_fairseq.__file__))
+BIN = os.path.dirname(sys.executable)
+WORDS = [chr(ord("a") + i) for i in range(12)]
+COMMON = ["--user-dir", PKG, "--cpu", "--seed", "1"]
+TRAIN = ["--optimizer", "adam", "--lr", "1e-3", "--no-progress-bar", "--log-format", "simple",
+         "--log-interval", "1", "--num-workers", "0", "--no-epoch-checkpoints", "--disable-validation"]
+VOCAB = 16
+
+
+# -- ops ----------------------------------------------------------------------------------
+def make_inputs(B, H, T, Dk, Dv, dtype=torch.float64, seed=0, with_state=False, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q = rnd(B, H, T, Dk).softmax(-1)
+    k = rnd(B, H, T, Dk).softmax(-1)
+    v = rnd(B, H, T, Dv)
+    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    state = rnd(B, H, Dk, Dv) if with_state else None
+    out = [q, k, v, beta, state]
+    out = [None if x is None else x.to(dtype).requires_grad_(requires_grad) for x in out]
+    return out
+
+
+def positive_inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
+    """[q, k, v, beta, h0] with sum-normalised positive features, as the models feed them (the
+    CUDA tests' inputs: the delta rule stays stable in every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def run_with_grads(fn, q, k, v, beta, state, impl, seed=123):
+    """Outputs, final state and the gradients of a random linear function of both."""
+    args = (q, k, v) if beta is None else (q, k, v, beta)
+    o, S = fn(*args, initial_state=state, output_final_state=True, impl=impl)
+    g = torch.Generator().manual_seed(seed)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    ws = torch.randn(S.shape, generator=g, dtype=torch.float64).to(S.dtype)
+    inputs = [x for x in (*args, state) if x is not None]
+    grads = torch.autograd.grad((o * wo).sum() + (S * ws).sum(), inputs)
+    return [o, S, *grads]
+
+
+# -- fairseq CLIs -------------------------------------------------------------------------
+
+def torch_version():
+    return torch.__version__.split("+")[0]
+
+
+def run(tool, *args, stdin=None, cwd=None):
+    # Only the thread count is set (2 shared cores); nothing our plugin needs.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.run([os.path.join(BIN, tool), *map(str, args)], input=stdin, capture_output=True,
+                       text=True, cwd=cwd, env=env, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{tool} failed:\n{out[-4000:]}"
+    return out
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# -- models -------------------------------------------------------------------------------
+
+def make_dict(n=VOCAB):
+    from fairseq.data import Dictionary
+    d = Dictionary()
+    for i in range(n):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def build(arch, extra=(), vocab=VOCAB):
+    """Build through fairseq's own path (argparse -> omegaconf -> build_model), so that the
+    dataclass trap of fwp_lm is exercised exactly as under fairseq-train."""
+    from fairseq import models, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    task = "language_modeling" if "lm" in arch else "translation"
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, ["/nonexistent", "--task", task, "--arch", arch, "--user-dir", PKG,
+                 "--dropout", "0", *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    d = make_dict(vocab)
+    t = types.SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    torch.manual_seed(0)
+    return models.build_model(cfg.model, t), d
+
+
+def random_tokens(d, bsz, T, gen):
+    return torch.randint(d.nspecial, len(d), (bsz, T), generator=gen)
+
+
+# -- legacy checkpoints -------------------------------------------------------------------
+def load_legacy(folder, name):
+    from fairseq import checkpoint_utils
+    models, _ = checkpoint_utils.load_model_ensemble(
+        [os.path.join(folder, f"{name}.pt")], arg_overrides={"data": folder})
+    return models[0].eval()
+
+
+def _tokens(seed, shape, lo=4, hi=16):
+    return torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy(model, src, steps=6):
+    """Incremental greedy decoding, one token at a time (the decoder's constant-size state)."""
+    enc = model.encoder(src, src_lengths=torch.full((src.size(0),), src.size(1)))
+    prev = torch.full((src.size(0), 1), model.decoder.dictionary.eos())
+    state, logits = {}, []
+    for _ in range(steps):
+        out = model.decoder(prev, encoder_out=enc, incremental_state=state)[0][:, -1]
+        logits.append(out)
+        prev = torch.cat([prev, out.argmax(-1, keepdim=True)], 1)
+    return torch.stack(logits, 1)
+
+
+def run_models(folder):
+    import fwp_fairseq
+    fwp_fairseq.register()
+    out = {}
+    with torch.no_grad():
+        for name in ("stream", "perf"):
+            model = load_legacy(folder, name)
+            if getattr(model, "carry_state", False):
+                model.set_carry_state(False)  # a plain forward pass over independent segments
+            out[name] = model(_tokens(0, (2, 12)))[0].tolist()
+        model = load_legacy(folder, "mt")
+        src, prev = _tokens(1, (2, 7)), _tokens(2, (2, 5))
+        out["mt"] = model(src, torch.full((2,), 7), prev)[0].tolist()
+        out["mt_greedy"] = _greedy(model, src).tolist()
+    return out
