@@ -60,7 +60,8 @@ def run_recipe(tmp_path, script, *rows, data=True, **env_vars):
 
 
 def joined(call):
-    return " ".join(call)
+    """A call as one string with a space at both ends: `f" {flags} " in joined(call)`."""
+    return " " + " ".join(call) + " "
 
 
 def test_lm_recipe_trains_and_scores_every_row(tmp_path):
@@ -73,10 +74,10 @@ def test_lm_recipe_trains_and_scores_every_row(tmp_path):
     assert [c[0] for c in calls] == ["fairseq-train", "fairseq-eval-lm", "fairseq-eval-lm"] * 4
     for i, (row, row_flags) in enumerate(flags.items()):
         train, valid, test = map(joined, calls[3 * i:3 * i + 3])
-        assert f"--arch fwp_lm {row_flags} " in train
-        assert f"--save-dir {out}/{row}/checkpoints " in train
-        assert "--tokens-per-sample 256 --sample-break-mode none --max-tokens 8192" in train
-        assert "--max-update 2000 --seed 1" in train
+        for flags in ("--arch fwp_lm", row_flags, f"--save-dir {out}/{row}/checkpoints",
+                      "--tokens-per-sample 256", "--sample-break-mode none --max-tokens 8192",
+                      "--decoder-attention-heads 4", "--max-update 2000 --seed 1"):
+            assert f" {flags} " in train, flags
         for call, subset in ((valid, "valid"), (test, "test")):
             assert f"--path {out}/{row}/checkpoints/checkpoint_last.pt --gen-subset {subset}" in call
             assert "--tokens-per-sample 256 --context-window 192" in call
@@ -119,8 +120,10 @@ def test_carry_rows_train_and_score_as_named(carry_run, row):
     model, task = CARRY_ROWS[row]
     train, *evals = by_row[row]
     train = joined(train)
-    assert train.startswith("fairseq-train") and f"--arch fwp_lm {model} --no-token-positional-embeddings" in train
-    assert task in train
+    assert train.startswith(" fairseq-train ")
+    for flags in ("--arch fwp_lm", model, "--no-token-positional-embeddings", task,
+                  "--decoder-attention-heads 4"):
+        assert f" {flags} " in train, flags
     carried = "_carry" in row
     assert ("--fwp-carry-state" in train) == carried
     assert ("--fwp-carry-reset-segments" in train) == row.endswith("_carry128")
@@ -129,7 +132,7 @@ def test_carry_rows_train_and_score_as_named(carry_run, row):
     # valid and test, and for ROW_carryN both again with the state reset every N segments
     assert len(evals) == (4 if row.endswith("_carry128") else 2)
     for call in map(joined, evals):
-        assert call.startswith("fairseq-eval-lm") and f"/{row}/checkpoints/checkpoint_last.pt --gen-subset" in call
+        assert call.startswith(" fairseq-eval-lm ") and f"/{row}/checkpoints/checkpoint_last.pt --gen-subset" in call
         assert ("--task fwp_stream_lm --fwp-carry-state" in call) == carried
         assert ("--context-window 192" in call) == (not carried)
     if row.endswith("_carry128"):
