@@ -1,22 +1,30 @@
 """The table-making run scripts end to end, with stand-in fairseq CLIs: which rows train with which
-flags, what is scored, what lands in the table, and the clear stop where the data is missing.
+flags, what is scored, what lands in the table, the clear stop where the data is missing, and
+scripts/gpu_recipes.sh running them all at once as on a GPU machine.
 
 The scripts run from a copy of themselves (and examples/run_lib.sh) in a temporary tree, so that a
 checkout's .venv/bin never puts the real fairseq in front of the stand-ins; run_lib.sh then makes
 that tree the working directory, as the repository root is in real use."""
+import gzip
 import os
+import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM_SCRIPT = "examples/language_model/run_tinyshakespeare.sh"
 CARRY_SCRIPT = "experiments/carried_state/run_carry_state.sh"
+MT_SCRIPT = "examples/translation/run_multi30k.sh"
+SETTINGS = ("MAX_UPDATE", "CONTEXT", "BATCH", "SEED", "HEADS", "DPFP_NU", "FFN", "EXTRA_ARGS",
+            "GEN_ARGS", "DATA", "OUT", "MULTI30K_ROWS", "CARRY_STATE_ROWS", "RECIPES")
 
 # Records its arguments (one shell-quoted line a call) and prints what the scripts read from
-# fairseq's logs: the parameter count, the update count, a perplexity per scored subset.
+# fairseq's output: the parameter count, the update count, a perplexity per scored subset, and
+# the hypotheses of the two reference lines (out of order, as fairseq-generate prints them).
 FAKE_FAIRSEQ = r"""#!/usr/bin/env bash
 tool=$(basename "$0")
 { printf '%q ' "$tool" "$@"; echo; } >>"$FAKE_CALLS"
@@ -27,36 +35,67 @@ case $tool in
         elif [[ " $* " == *" --gen-subset valid "* ]]; then p=8.00
         else p=4.00; fi
         echo "Loss (base 2): 2.0000, Perplexity: $p" ;;
+    fairseq-generate) printf 'H-1\t-0.1\tb b\nH-0\t-0.2\ta a\n' ;;
+esac
+"""
+# python3 as the scripts call it, but `-m sacrebleu` prints a fixed score and the GPU scripts'
+# `-c "import fairseq..."` checks pass without the seconds of importing fairseq.
+FAKE_PYTHON3 = r"""#!/usr/bin/env bash
+case "${1:-} ${2:-}" in
+    "-m sacrebleu") echo 12.3 ;;
+    "-c import fairseq"*) ;;
+    *) exec "$REAL_PYTHON" "$@" ;;
 esac
 """
 
 
-def run_recipe(tmp_path, script, *rows, data=True, **env_vars):
-    """Run SCRIPT ROWS... in a copy of the scripts, on an empty stand-in data folder (with a
-    dict.txt unless data=False), the script's settings at their defaults but for ENV_VARS.
-    Returns (process, fairseq calls as argument lists, OUT folder)."""
+def stand_in_tree(tmp_path, *files, data=True):
+    """A copy of FILES (and examples/run_lib.sh) under tmp_path/repo, stand-in fairseq CLIs, and a
+    stand-in data folder for both the LM and the Multi30k scripts (empty if data=False).
+    Returns (tree, environment, calls file, OUT folder): every setting at its script's default."""
     tree = tmp_path / "repo"
-    for rel in (script, "examples/run_lib.sh"):
+    for rel in (*files, "examples/run_lib.sh"):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), tree / rel)
     fake = tmp_path / "bin"
     fake.mkdir()
-    for tool in ("fairseq-train", "fairseq-eval-lm"):
-        (fake / tool).write_text(FAKE_FAIRSEQ)
+    for tool, text in (("fairseq-train", FAKE_FAIRSEQ), ("fairseq-eval-lm", FAKE_FAIRSEQ),
+                       ("fairseq-generate", FAKE_FAIRSEQ), ("python3", FAKE_PYTHON3)):
+        (fake / tool).write_text(text)
         (fake / tool).chmod(0o755)
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
+    (data_dir / "raw").mkdir(parents=True)
     if data:
-        (data_dir / "dict.txt").write_text("a 1\n")
+        for name in ("dict.txt", "dict.de.txt"):
+            (data_dir / name).write_text("a 1\n")
+        with gzip.open(data_dir / "raw" / "test_2016_flickr.en.gz", "wt") as f:
+            f.write("a a\nb b\n")
     calls, out = tmp_path / "calls.txt", tmp_path / "out"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MAX_UPDATE", "CONTEXT", "BATCH", "SEED", "HEADS", "DPFP_NU", "EXTRA_ARGS")}
-    env.update(PATH=f"{fake}:{os.environ['PATH']}", FAKE_CALLS=str(calls), DATA=str(data_dir),
-               OUT=str(out), THREADS="1", **env_vars)
-    p = subprocess.run(["bash", str(tree / script), *rows], env=env, capture_output=True,
-                       text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(PATH=f"{fake}:{os.environ['PATH']}", REAL_PYTHON=sys.executable,
+               FAKE_CALLS=str(calls), DATA=str(data_dir), OUT=str(out), THREADS="1")
+    return tree, env, calls, out
+
+
+def read_calls(calls):
+    """The stand-ins' calls, each as its argument list (the tool's name first)."""
     lines = calls.read_text().splitlines() if calls.exists() else []
-    return p, [shlex.split(line) for line in lines], out
+    return [shlex.split(line) for line in lines]
+
+
+def run_recipe(tmp_path, script, *rows, data=True, **env_vars):
+    """Run SCRIPT ROWS... in a stand-in tree, its settings at their defaults but for ENV_VARS.
+    Returns (process, fairseq calls as argument lists, OUT folder)."""
+    tree, env, calls, out = stand_in_tree(tmp_path, script, data=data)
+    p = subprocess.run(["bash", str(tree / script), *rows], env=dict(env, **env_vars),
+                       capture_output=True, text=True, timeout=120)
+    return p, read_calls(calls), out
+
+
+def flags_once(call):
+    """No flag given twice (a second one would silently override the first)."""
+    flags = [a for a in call if a.startswith("--")]
+    return len(flags) == len(set(flags))
 
 
 def joined(call):
@@ -67,12 +106,13 @@ def joined(call):
 def test_lm_recipe_trains_and_scores_every_row(tmp_path):
     p, calls, out = run_recipe(tmp_path, LM_SCRIPT)
     assert p.returncode == 0, p.stderr
-    flags = {"softmax": "--fwp-kernel softmax",
-             "linear": "--fwp-kernel linear --fwp-update sum",
-             "deltanet": "--fwp-kernel linear --fwp-update delta",
-             "dpfp_delta": "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta"}
+    rows = {"softmax": "--fwp-kernel softmax",
+            "linear": "--fwp-kernel linear --fwp-update sum",
+            "deltanet": "--fwp-kernel linear --fwp-update delta",
+            "dpfp_delta": "--fwp-kernel dpfp --fwp-dpfp-nu 1 --fwp-update delta"}
     assert [c[0] for c in calls] == ["fairseq-train", "fairseq-eval-lm", "fairseq-eval-lm"] * 4
-    for i, (row, row_flags) in enumerate(flags.items()):
+    assert all(map(flags_once, calls))
+    for i, (row, row_flags) in enumerate(rows.items()):
         train, valid, test = map(joined, calls[3 * i:3 * i + 3])
         for flags in ("--arch fwp_lm", row_flags, f"--save-dir {out}/{row}/checkpoints",
                       "--tokens-per-sample 256", "--sample-break-mode none --max-tokens 8192",
@@ -108,6 +148,7 @@ def carry_run(tmp_path_factory):
     """run_carry_state.sh over every row of CARRY_ROWS at once: {row: its fairseq calls}, table."""
     p, calls, out = run_recipe(tmp_path_factory.mktemp("carry"), CARRY_SCRIPT, *CARRY_ROWS)
     assert p.returncode == 0, p.stderr
+    assert all(map(flags_once, calls))
     by_row = {row: [c for c in calls if f"{out}/{row}/" in joined(c)] for row in CARRY_ROWS}
     return by_row, (out / "table.md").read_text()
 
@@ -148,8 +189,30 @@ def test_unknown_carry_row_stops_before_training(tmp_path):
 
 @pytest.mark.parametrize("script, prepare", [
     (LM_SCRIPT, "prepare-tinyshakespeare.sh"), (CARRY_SCRIPT, "prepare-tinyshakespeare.sh"),
-    ("examples/translation/run_multi30k.sh", "prepare-multi30k.sh")])
+    (MT_SCRIPT, "prepare-multi30k.sh")])
 def test_missing_data_names_the_prepare_script(tmp_path, script, prepare):
     p, calls, out = run_recipe(tmp_path, script, data=False)
     assert p.returncode == 1 and f"run data-scripts/{prepare} first" in p.stderr
     assert calls == [] and not out.exists()
+
+
+def test_gpu_recipes_runs_every_row_and_collects_the_tables(tmp_path):
+    """scripts/gpu_recipes.sh (the GPU machine's recipe runs): every row of both recipes its own
+    run, with the recipe's implementation and a time stop appended, and every table collected."""
+    tree, env, calls, out = stand_in_tree(
+        tmp_path, MT_SCRIPT, CARRY_SCRIPT, "scripts/gpu_recipes.sh", "scripts/fairseq_wheels.sh")
+    env.update(PYTHON=str(tmp_path / "bin" / "python3"), RECIPES_WORK=str(tmp_path / "work"),
+               MULTI30K_ROWS="linear delta", CARRY_STATE_ROWS="deltanet deltanet_carry")
+    p = subprocess.run(["bash", str(tree / "scripts" / "gpu_recipes.sh")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    trains = [" ".join(c) for c in read_calls(calls) if c[0] == "fairseq-train"]
+    assert len(trains) == 4
+    assert all(re.search(r" --fwp-impl chunked --stop-time-hours [0-9.]+$", t) for t in trains)
+    recipes = (out / "recipes.md").read_text()
+    for name, line in (("multi30k_linear", "| linear | `--fwp-kernel linear --fwp-update sum` | 1,234 | 7 | 0 min | 12.3 |"),
+                       ("multi30k_delta", "| delta |"),
+                       ("carry_state_deltanet", "| deltanet | `--fwp-kernel linear --fwp-update delta` | 4 | no |"),
+                       ("carry_state_deltanet_carry", "| deltanet_carry |")):
+        assert f"{name}:" in recipes and line in recipes, name
+    assert (out / "recipes.tar.gz").is_file()
