@@ -1,4 +1,4 @@
-"""fwp_lm against the softmax model of the same size (issue 3, section 6):
+"""fwp_lm against the softmax model of the same size (the speed claims of the paper, section 6):
 
 1. fairseq-train words per second at several --tokens-per-sample (real fairseq-train runs on a
    synthetic corpus, the same tokens per update for every length);
@@ -36,7 +36,7 @@ RANGES = [(1, 64), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)]
 
 
 def model_args(layers, dim, heads, ffn):
-    # The issue's reference size: fairseq transformer_lm, 4 layers, 256 dims, 4 heads, FFN 1024.
+    # The reference size: fairseq transformer_lm, 4 layers, 256 dims, 4 heads, FFN 1024.
     return ["--arch", "fwp_lm", "--decoder-layers", str(layers), "--decoder-embed-dim", str(dim),
             "--decoder-input-dim", str(dim), "--decoder-output-dim", str(dim),
             "--decoder-attention-heads", str(heads), "--decoder-ffn-embed-dim", str(ffn),

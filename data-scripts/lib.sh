@@ -118,6 +118,22 @@ finish_options() {
     fi
 }
 
+# binarise_joined TOK SRC TGT [NOTE]: the translation pairs TOK/{train,valid,test}.{SRC,TGT}
+# (encoded with OUT/spm.model) -> one joined dictionary from the training text (see fwp_data.py
+# make-dict), refused where valid/test have tokens outside it, then fairseq-preprocess into OUT
+# with WORKERS workers. NOTE, if given, goes in parentheses into the progress line.
+binarise_joined() {
+    local tok=$1 src=$2 tgt=$3 note=${4:-}
+    helper make-dict --model "$OUT/spm.model" --out "$tok/dict.txt" "$tok/train.$src" "$tok/train.$tgt"
+    helper check-unk --dict "$tok/dict.txt" "$tok"/{valid,test}.{"$src","$tgt"} \
+        || die "tokens of valid/test missing from the dictionary (they would become <unk>)"
+    log "binarising with fairseq-preprocess${note:+ ($note)}"
+    fairseq_preprocess --source-lang "$src" --target-lang "$tgt" \
+        --trainpref "$tok/train" --validpref "$tok/valid" --testpref "$tok/test" \
+        --srcdict "$tok/dict.txt" --joined-dictionary --destdir "$OUT" --workers "$WORKERS" \
+        >"$OUT/preprocess.stdout" 2>&1 || { tail -20 "$OUT/preprocess.stdout" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.stdout)"; }
+}
+
 # Stamp handling: the stamp records the settings, so a rerun with other
 # settings is refused rather than silently mixing outputs.
 STAMP_NAME=.prepared

@@ -11,7 +11,7 @@ fairseq splits: train, valid (= val), test (= test_2016_flickr).
 
 Options:
   --from DIR        read the six raw .gz files from DIR instead of downloading
-                    (e.g. ../shared/data/multi30k)
+                    (e.g. --from /path/to/multi30k)
   --out DIR         output directory (default: data-bin/multi30k in the repo)
   --src L --tgt L   translation direction (default: --src de --tgt en)
   --vocab-size N    sentencepiece vocabulary size (default: 8000)
@@ -27,7 +27,7 @@ USAGE
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 URL_BASE=https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw
-# sha256 of the upstream gz files (checked against the copy in ../shared/data).
+# sha256 of the upstream gz files.
 declare -A SHA256=(
     [train.de.gz]=726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6
     [train.en.gz]=d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f
@@ -77,16 +77,7 @@ for split in train valid test; do
         --outputs "$OUT/tok/$split.$SRC" "$OUT/tok/$split.$TGT"
 done
 
-# The dictionary comes from the encoded training text (see fwp_data.py make-dict).
-helper make-dict --model "$OUT/spm.model" --out "$OUT/tok/dict.txt" "$OUT/tok/train.$SRC" "$OUT/tok/train.$TGT"
-helper check-unk --dict "$OUT/tok/dict.txt" "$OUT"/tok/{valid,test}.{$SRC,$TGT} \
-    || die "tokens of valid/test missing from the dictionary (they would become <unk>)"
-
-log "binarising with fairseq-preprocess"
-fairseq_preprocess --source-lang "$SRC" --target-lang "$TGT" \
-    --trainpref "$OUT/tok/train" --validpref "$OUT/tok/valid" --testpref "$OUT/tok/test" \
-    --srcdict "$OUT/tok/dict.txt" --joined-dictionary --destdir "$OUT" --workers "$WORKERS" \
-    >"$OUT/preprocess.stdout" 2>&1 || { tail -20 "$OUT/preprocess.stdout" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.stdout)"; }
+binarise_joined "$OUT/tok" "$SRC" "$TGT"
 
 write_stamp "$OUT" "$SETTINGS"
 report "$OUT"

@@ -24,7 +24,7 @@ Options:
   --words        word-level instead of character-level
   --min-count N  with --words: rarer training words become <unk> (default 2)
   --from DIR     read input.txt from DIR instead of downloading
-                 (e.g. ../shared/data/tinyshakespeare)
+                 (e.g. --from /path/to/tinyshakespeare)
   --out DIR      output directory (default: data-bin/tinyshakespeare in the repo,
                  data-bin/tinyshakespeare-words with --words)
   --workers N    fairseq-preprocess workers (default: 1)

@@ -106,15 +106,7 @@ for split in valid test; do
         --inputs "$TXT/$split.en" "$TXT/$split.de" --outputs "$TOK/$split.en" "$TOK/$split.de"
 done
 
-helper make-dict --model "$OUT/spm.model" --out "$TOK/dict.txt" "$TOK/train.en" "$TOK/train.de"
-helper check-unk --dict "$TOK/dict.txt" "$TOK"/{valid,test}.{en,de} \
-    || die "tokens of valid/test missing from the dictionary (they would become <unk>)"
-
-log "binarising with fairseq-preprocess ($WORKERS workers)"
-fairseq_preprocess --source-lang en --target-lang de \
-    --trainpref "$TOK/train" --validpref "$TOK/valid" --testpref "$TOK/test" \
-    --srcdict "$TOK/dict.txt" --joined-dictionary --destdir "$OUT" --workers "$WORKERS" \
-    >"$OUT/preprocess.stdout" 2>&1 || { tail -20 "$OUT/preprocess.stdout" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.stdout)"; }
+binarise_joined "$TOK" en de "$WORKERS workers"
 
 write_stamp "$OUT" "$SETTINGS"
 report "$OUT"

@@ -34,3 +34,41 @@ eval_lm_ppl() {  # eval_lm_ppl LOG FAIRSEQ_EVAL_LM_ARGS...: keep the log, print 
 bits_of() {  # bits_of PERPLEXITY: log2, 3 decimals ("?" for no number)
     python3 -c "import math; print(f'{math.log2(float(\"$1\")):.3f}')" 2>/dev/null || echo "?"
 }
+
+env_defaults() {  # env_defaults NAME=VALUE...: NAME keeps its value from the environment unless
+    # that is empty or unset, then it is VALUE (the run scripts' settings, one line for all)
+    local pair name
+    for pair in "$@"; do
+        name=${pair%%=*}
+        declare -g "$name=${!name:-${pair#*=}}"
+    done
+}
+
+train_row() {  # train_row DIR FAIRSEQ_TRAIN_ARGS...: train one table row, checkpoints in
+    # DIR/checkpoints, the log in DIR/train.log, EXTRA_ARGS last (so that they override);
+    # sets ROW_MINUTES, ROW_PARAMS and ROW_UPDATES for the row's table line
+    local dir=$1 start
+    shift
+    mkdir -p "$dir"
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    fairseq-train "$@" --save-dir "$dir/checkpoints" --no-epoch-checkpoints --num-workers 0 \
+        --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
+        2>&1 | tee "$dir/train.log"
+    ROW_MINUTES=$(( ($(date +%s) - start) / 60 ))
+    read -r ROW_PARAMS ROW_UPDATES < <(train_stats "$dir/train.log")
+}
+
+train_small_lm() {  # train_small_lm DIR ARGS...: train_row for the Tiny Shakespeare tables: an
+    # fwp_lm of 4 layers of 256 (FFN 1024, tied embeddings), segments of CONTEXT tokens, the same
+    # optimiser and budget (MAX_UPDATE, SEED) for every row; ARGS: the row's task, fwp and head flags
+    local dir=$1
+    shift
+    train_row "$dir" "$DATA" --user-dir fwp_fairseq --arch fwp_lm "$@" \
+        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 \
+        --decoder-input-dim 256 --decoder-output-dim 256 \
+        --share-decoder-input-output-embed --dropout 0.1 --tokens-per-sample "$CONTEXT" \
+        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
+        --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 200 --warmup-init-lr 1e-07 \
+        --max-update "$MAX_UPDATE" --seed "$SEED"
+}

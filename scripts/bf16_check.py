@@ -3,7 +3,7 @@
 Pass: every bf16 loss is finite and within --tol (relative) of the fp32 run's, for the mean
 training loss of the last tenth of the updates and for the validation loss at the end.
 
-    .venv/bin/python scripts/bf16_check.py                 # 2,000 updates, the check
+    .venv/bin/python scripts/bf16_check.py                 # 2,000 updates: the full check
     .venv/bin/python scripts/bf16_check.py --updates 300 --kernels dpfp linear --jobs 2
 
 The corpus is generated (lines "a b c d a b c d": the second half is predictable only through

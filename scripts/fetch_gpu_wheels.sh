@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download to .whl/ the wheels the lent H200 lacks (cp312, manylinux x86_64; it has no network):
+# Download to .whl/ the wheels a GPU machine without network access lacks (cp312, manylinux x86_64):
 # flash-linear-attention and fla-core for the GPU benchmark's baselines, and fairseq (ve-fairseq
 # with hydra-core, omegaconf, antlr4-python3-runtime, bitarray) for scripts/gpu_recipes.sh.
 # torch, triton, einops, numpy, sacrebleu, sentencepiece and pytest are already on that machine;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a fresh lent H200 (issue 4), run from the repo root with $OUT set:
+# One-shot check of a fresh GPU machine without network access, run from the repo root with $OUT set:
 #   1. installs the carried wheels in .whl/ (flash-linear-attention, fla-core) into /tmp/site,
-#   2. builds the CUDA extension just in time for sm_90 (ninja),
+#   2. builds the CUDA extension just in time (ninja) for TORCH_CUDA_ARCH_LIST (default 9.0),
 #   3. runs benchmarks/gpu_ops.py,
 #   4. runs tests/test_cuda_ops.py and the ops tests,
 # and writes $OUT/results.json, $OUT/table.md and $OUT/log.txt, all inside about 8 minutes.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The small real recipe runs (issues 6 and 7) on one lent GPU, every row at once, each row its
+# The small real recipe runs on one GPU machine without network access, every row at once, each row its
 # own fairseq process (they are launch-bound, so a single small model leaves the GPU mostly idle):
 #   Multi30k De->En      examples/translation/run_multi30k.sh        softmax linear dpfp delta
 #   carried fast weights experiments/carried_state/run_carry_state.sh  deltanet deltanet_carry linear_carry

@@ -72,6 +72,24 @@ def run_with_grads(fn, q, k, v, beta, state, impl, seed=123):
     return [o, S, *grads]
 
 
+INPUT_NAMES = ("q", "k", "v", "beta", "h0")
+
+
+def loss_grads(fn, inputs, seed=1):
+    """{"o", "final", and each of INPUT_NAMES that got a gradient} of fn(q, k, v, beta, h0) ->
+    (o, final state) on fresh leaf copies of inputs (None stays None): the outputs, and the
+    gradients of a fixed random linear loss on both. Works on any device (the CUDA tests)."""
+    xs = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+    o, ht = fn(*xs)
+    g = torch.Generator().manual_seed(seed)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
+    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
+    ((o * wo).sum() + (ht * wh).sum()).backward()
+    out = {"o": o.detach(), "final": ht.detach()}
+    out.update((n, x.grad) for n, x in zip(INPUT_NAMES, xs) if x is not None and x.grad is not None)
+    return out
+
+
 # -- fairseq CLIs -------------------------------------------------------------------------
 
 def torch_version():

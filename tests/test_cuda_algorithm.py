@@ -18,7 +18,7 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import positive_inputs
+from helpers import loss_grads, positive_inputs, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
@@ -101,82 +101,58 @@ def short_checkpoints(monkeypatch):
     monkeypatch.setattr(cuda_backend, "CK_EVERY", 16)
 
 
-def _run(fn, inputs, delta, with_h0=True):
-    """Outputs and the gradients of a fixed random loss on (o, final state)."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, beta, h0 = xs
-    h0 = h0 if with_h0 else None
-    o, ht = fn(q, k, v, beta, h0) if delta else fn(q, k, v, h0)
-    g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
-    ((o * wo).sum() + (ht * wh).sum()).backward()
-    names = ["q", "k", "v", "beta", "h0"]
-    grads = {n: x.grad for n, x in zip(names, xs) if x.grad is not None}
-    return o.detach(), ht.detach(), grads
+def _run(fn, inputs, with_h0=True):
+    q, k, v, beta, h0 = inputs
+    return loss_grads(fn, [q, k, v, beta, h0 if with_h0 else None])
 
 
 def _emu_fn(emu, delta):
-    if delta:
-        return lambda q, k, v, b, h0: cuda_backend._apply(emu, q, k, v, b, h0, True, True)
-    return lambda q, k, v, h0: cuda_backend._apply(emu, q, k, v, None, h0, True, False)
+    return lambda q, k, v, b, h0: cuda_backend._apply(emu, q, k, v, b if delta else None, h0, True, delta)
 
 
 def _ref_fn(delta):
     if delta:
         return lambda q, k, v, b, h0: delta_rule_reference(q, k, v, b, h0, True)
-    return lambda q, k, v, h0: sum_rule_reference(q, k, v, h0, True)
+    return lambda q, k, v, b, h0: sum_rule_reference(q, k, v, h0, True)
 
 
-def _close(a, b, tol):
-    scale = b.abs().max().clamp_min(1e-12)
-    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
+def _assert_close(got, want, tol, grad_tol):
+    """Outputs and final state within tol of want, every gradient within grad_tol."""
+    assert got.keys() == want.keys()
+    for name in want:
+        err = rel_err(got[name], want[name])
+        assert err < (tol if name in ("o", "final") else grad_tol), (name, err)
 
 
 # (B, H, T, Dk, Dv): chunk tails, partial value tiles, Python-side padding, T = 1, the 256/512
 # key tiles and the 128/256 value tiles of the q/k gradient pass.
-SHAPES = [
-    (1, 2, 37, 16, 24),
-    (2, 1, 1, 8, 8),
-    (1, 1, 21, 12, 10),
-    (1, 1, 9, 136, 72),
-    (1, 1, 5, 512, 136),
-]
+SHAPES = [(1, 2, 37, 16, 24), (2, 1, 1, 8, 8), (1, 1, 21, 12, 10), (1, 1, 9, 136, 72),
+          (1, 1, 5, 512, 136)]
 
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, delta):
     inputs = positive_inputs(*shape, torch.float64)
-    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta)
-    o_r, ht_r, grads_r = _run(_ref_fn(delta), inputs, delta)
-    _close(o, o_r, 1e-10)
-    _close(ht, ht_r, 1e-10)
-    assert grads.keys() == grads_r.keys()
-    for name in grads_r:
-        _close(grads[name], grads_r[name], 1e-9)
+    _assert_close(_run(_emu_fn(emu, delta), inputs), _run(_ref_fn(delta), inputs), 1e-10, 1e-9)
 
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delta):
     inputs = positive_inputs(1, 1, 40, 64, 32, torch.float32, seed=3)
-    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0=False)
-    ref_inputs = [x.double() for x in inputs]
-    o_r, ht_r, grads_r = _run(_ref_fn(delta), ref_inputs, delta, with_h0=False)
-    assert o.dtype == torch.float32 and ht.dtype == torch.float32
-    _close(o, o_r, 1e-5)
-    _close(ht, ht_r, 1e-5)
-    for name in grads_r:
-        _close(grads[name], grads_r[name], 1e-5)
+    got = _run(_emu_fn(emu, delta), inputs, with_h0=False)
+    want = _run(_ref_fn(delta), [x.double() for x in inputs], with_h0=False)
+    assert got["o"].dtype == torch.float32 and got["final"].dtype == torch.float32
+    _assert_close(got, want, 1e-5, 1e-5)
 
 
 def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints):
     inputs = positive_inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
-    a = _run(_emu_fn(emu, True), inputs, True)
-    b = _run(_emu_fn(emu, True), inputs, True)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for name in a[2]:
-        assert torch.equal(a[2][name], b[2][name])
+    a = _run(_emu_fn(emu, True), inputs)
+    b = _run(_emu_fn(emu, True), inputs)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_emulated_forward_without_grad_stores_nothing(emu):
@@ -184,8 +160,8 @@ def test_emulated_forward_without_grad_stores_nothing(emu):
     with torch.no_grad():
         o, ht = cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
     assert ht is None
-    _close(o, delta_rule_reference(q.double(), k.double(), v.double(), beta.double(),
-                                   h0.double())[0], 1e-5)
+    want = delta_rule_reference(q.double(), k.double(), v.double(), beta.double(), h0.double())[0]
+    assert rel_err(o, want) < 1e-5
 
 
 def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
 
-from helpers import positive_inputs
+from helpers import loss_grads, positive_inputs, rel_err
 
 
 def _call(delta, impl, q, k, v, beta, h0, final=True):
@@ -16,20 +16,9 @@ def _call(delta, impl, q, k, v, beta, h0, final=True):
     return fast_weight_sum(q, k, v, h0, output_final_state=final, impl=impl)
 
 
-def _run(delta, impl, inputs, state_dtype=None):
-    """Outputs and gradients of a fixed random loss on (o, final state)."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, ht = _call(delta, impl, *xs)
-    g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
-    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
-    ((o * wo).sum() + (ht * wh).sum()).backward()
-    grads = [x.grad for x in (xs if delta else xs[:3] + xs[4:])]
-    return [o.detach(), ht.detach()] + grads
-
-
-def _rel_max(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+def _run(delta, impl, inputs):
+    """{"o", "final", and the gradients} of a fixed random loss on (o, final state)."""
+    return loss_grads(lambda *xs: _call(delta, impl, *xs), inputs)
 
 
 def _rel_rms(a, b):
@@ -37,11 +26,12 @@ def _rel_rms(a, b):
     return (((a - b) ** 2).mean().sqrt() / (b ** 2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-NAMES = ["o", "final", "dq", "dk", "dv", "dbeta", "dh0"]
-
-
-def _names(delta):
-    return NAMES if delta else [n for n in NAMES if n != "dbeta"]
+def _assert_close(got, want, delta, err, tol):
+    """Every output and gradient (beta's with the delta rule only) within tol by err."""
+    names = {"o", "final", "q", "k", "v", "h0"} | ({"beta"} if delta else set())
+    assert got.keys() == want.keys() == names
+    for name in want:
+        assert err(got[name], want[name]) < tol, (name, err(got[name], want[name]))
 
 
 # ---------------------------------------------------------------- CPU side (runs everywhere)
@@ -91,15 +81,8 @@ def cuda():
 
 # (B, H, T, Dk, Dv): odd T, Dk != Dv both ways, padding (Dk, Dv not multiples of 8), the largest
 # key and value dims, several checkpoint segments (T > 128), and a partial last chunk.
-SHAPES = [
-    (2, 3, 63, 64, 64),
-    (1, 2, 1000, 32, 48),
-    (1, 1, 1, 16, 16),
-    (2, 1, 300, 100, 36),
-    (1, 2, 150, 512, 64),
-    (1, 1, 130, 64, 256),
-    (1, 2, 257, 128, 128),
-]
+SHAPES = [(2, 3, 63, 64, 64), (1, 2, 1000, 32, 48), (1, 1, 1, 16, 16), (2, 1, 300, 100, 36),
+          (1, 2, 150, 512, 64), (1, 1, 130, 64, 256), (1, 2, 257, 128, 128)]
 
 
 @pytest.mark.gpu
@@ -109,9 +92,8 @@ def test_fp32_matches_fp64_reference(cuda, shape, delta):
     inputs = positive_inputs(*shape, dtype=torch.float32, device=cuda)
     got = _run(delta, "cuda", inputs)
     want = _run(delta, "reference", [x.double() for x in inputs])
-    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    for name, a, b in zip(_names(delta), got, want):
-        assert _rel_max(a, b) < 1e-5, (name, _rel_max(a, b))
+    assert got["o"].dtype == torch.float32 and got["final"].dtype == torch.float32
+    _assert_close(got, want, delta, rel_err, 1e-5)
 
 
 @pytest.mark.gpu
@@ -122,9 +104,8 @@ def test_fp64_matches_reference(cuda, shape, delta):
     inputs = positive_inputs(*shape, dtype=torch.float64, device=cuda)
     got = _run(delta, "cuda", inputs)
     want = _run(delta, "reference", inputs)
-    assert got[1].dtype == torch.float64
-    for name, a, b in zip(_names(delta), got, want):
-        assert _rel_max(a, b) < 1e-10, (name, _rel_max(a, b))
+    assert got["final"].dtype == torch.float64
+    _assert_close(got, want, delta, rel_err, 1e-10)
 
 
 @pytest.mark.gpu
@@ -134,9 +115,8 @@ def test_half_precision_long_sequence(cuda, dtype, delta):
     inputs = positive_inputs(1, 2, 4096, 64, 64, dtype=dtype, device=cuda, seed=2)
     got = _run(delta, "cuda", inputs)
     want = _run(delta, "chunked", [x.float() for x in inputs])  # fp32 on the same rounded inputs
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    for name, a, b in zip(_names(delta), got, want):
-        assert _rel_rms(a, b) < 0.005, (name, _rel_rms(a, b))
+    assert got["o"].dtype == dtype and got["final"].dtype == torch.float32
+    _assert_close(got, want, delta, _rel_rms, 0.005)
 
 
 @pytest.mark.gpu
@@ -147,8 +127,8 @@ def test_state_carry_equals_one_pass(cuda, delta):
     cut = 77
     o1, h1 = _call(delta, "cuda", q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], beta[:, :, :cut], h0)
     o2, h2 = _call(delta, "cuda", q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], beta[:, :, cut:], h1)
-    assert _rel_max(torch.cat([o1, o2], 2), o) < 1e-5
-    assert _rel_max(h2, ht) < 1e-5
+    assert rel_err(torch.cat([o1, o2], 2), o) < 1e-5
+    assert rel_err(h2, ht) < 1e-5
 
 
 @pytest.mark.gpu
@@ -158,8 +138,9 @@ def test_reruns_are_bit_identical(cuda, dtype):
     for delta in (True, False):
         a = _run(delta, "cuda", inputs)
         b = _run(delta, "cuda", inputs)
-        for name, x, y in zip(_names(delta), a, b):
-            assert torch.equal(x, y), name
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.gpu
@@ -167,7 +148,7 @@ def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
     q, k, v, beta, h0 = positive_inputs(2, 3, 50, 32, 32, device=cuda)
     o_cuda, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
     o_auto, _ = fast_weight_delta(q, k, v, beta, h0, impl="auto")
-    assert _rel_max(o_auto, o_cuda) < 1e-5
+    assert rel_err(o_auto, o_cuda) < 1e-5
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
     o_nc, _ = fast_weight_delta(qt, k, v, beta, h0, impl="cuda")
     assert torch.equal(o_nc, o_cuda)
@@ -183,7 +164,7 @@ def test_gradient_to_some_inputs_only(cuda):
     o_ref, _ = fast_weight_delta(q.double(), k.double(), v_ref, beta.double(), h0.double(),
                                  impl="reference")
     o_ref.sum().backward()
-    assert _rel_max(v.grad, v_ref.grad) < 1e-5
+    assert rel_err(v.grad, v_ref.grad) < 1e-5
 
 
 @pytest.mark.gpu

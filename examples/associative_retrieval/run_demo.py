@@ -39,7 +39,7 @@ MODELS = {
     "softmax": ("Softmax", "softmax", 1, 64, None),
 }
 
-# Final eval loss published in the paper (../shared/PAPER.md section 4). Softmax: <= .001 up to
+# Final eval loss published in the paper (arXiv 2102.11174, section 6.1). Softmax: <= .001 up to
 # S = 500, stored as .001; FAVOR+ m=64: .30 at S = 40, .5 beyond.
 PAPER_S1 = {
     "linear": {40: .0008, 80: .110, 120: .232, 240: .366, 280: .391, 360: .421, 400: .422, 600: .452},

@@ -4,7 +4,7 @@
 # from fairseq-eval-lm with a sliding window. Prints markdown table rows
 # (and appends them to $OUT/table.md).
 #
-#   bash data-scripts/prepare-tinyshakespeare.sh --from ../shared/data/tinyshakespeare   # once
+#   bash data-scripts/prepare-tinyshakespeare.sh --from /path/to/tinyshakespeare   # once
 #   MAX_UPDATE=2000 bash examples/language_model/run_tinyshakespeare.sh [ROW...]
 #
 # ROWs: softmax linear deltanet dpfp_delta (default: all four). Environment:
@@ -13,12 +13,8 @@
 #   EXTRA_ARGS (appended to fairseq-train)
 source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
 
-DATA=${DATA:-data-bin/tinyshakespeare}
-OUT=${OUT:-results/tinyshakespeare}
-MAX_UPDATE=${MAX_UPDATE:-2000}
-CONTEXT=${CONTEXT:-256}
-DPFP_NU=${DPFP_NU:-1}
-SEED=${SEED:-1}
+env_defaults DATA=data-bin/tinyshakespeare OUT=results/tinyshakespeare MAX_UPDATE=2000 CONTEXT=256 \
+    DPFP_NU=1 SEED=1
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(softmax linear deltanet dpfp_delta)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
@@ -47,28 +43,13 @@ table_header "$OUT/table.md" "| model | fwp options | params | updates | train t
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
     dir="$OUT/$row"
-    mkdir -p "$dir"
-    start=$(date +%s)
     # shellcheck disable=SC2086
-    fairseq-train "$DATA" --user-dir fwp_fairseq --task language_modeling \
-        --arch fwp_lm $args \
-        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 --decoder-attention-heads 4 \
-        --decoder-input-dim 256 --decoder-output-dim 256 \
-        --share-decoder-input-output-embed --dropout 0.1 \
-        --tokens-per-sample "$CONTEXT" --sample-break-mode none --max-tokens $((CONTEXT * 32)) \
-        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
-        --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 200 --warmup-init-lr 1e-07 \
-        --max-update "$MAX_UPDATE" --seed "$SEED" \
-        --save-dir "$dir/checkpoints" --no-epoch-checkpoints --num-workers 0 \
-        --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
-        2>&1 | tee "$dir/train.log"
-    secs=$(( $(date +%s) - start ))
-    read -r params updates < <(train_stats "$dir/train.log")
+    train_small_lm "$dir" --task language_modeling $args --decoder-attention-heads 4 \
+        --sample-break-mode none --max-tokens $((CONTEXT * 32))
     ckpt="$dir/checkpoints/checkpoint_last.pt"
     valid=$(ppl "$ckpt" valid "$dir/eval_valid.log")
     test=$(ppl "$ckpt" test "$dir/eval_test.log")
-    bpc=$(bits_of "$test")
-    line="| $row | \`$args\` | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc |"
+    line="| $row | \`$args\` | $ROW_PARAMS | $ROW_UPDATES | $ROW_MINUTES min | $valid | $test | $(bits_of "$test") |"
     echo "$line" | tee -a "$OUT/table.md"
 done
 echo "Table: $OUT/table.md"

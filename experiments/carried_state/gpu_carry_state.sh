@@ -5,7 +5,7 @@
 # of 40 segments, for a carried row as one stream (what fairseq-eval-lm scores), as 2 streams
 # (each shorter than a training stream) and, for ROW_carryN, reset every N segments, with |S| per
 # layer; for a row without carry with its sliding windows, so that a pair compares bin by bin.
-# Results (few files, as a lent machine returns at most 8):
+# Results (two files, easy to copy back from a machine without network access):
 # $OUT/summary.md (tables and drift) and $OUT/carry.tar.gz (every row's logs, tables, drift).
 #
 #   OUT=/tmp/out RECIPES_DEADLINE=$(( $(date +%s) + 420 )) bash experiments/carried_state/gpu_carry_state.sh

@@ -4,7 +4,7 @@
 # BATCH x CONTEXT characters) for every row, then valid/test perplexity from fairseq-eval-lm.
 # Prints markdown table rows (and appends them to $OUT/table.md).
 #
-#   bash data-scripts/prepare-tinyshakespeare.sh --from ../shared/data/tinyshakespeare   # once
+#   bash data-scripts/prepare-tinyshakespeare.sh --from /path/to/tinyshakespeare   # once
 #   MAX_UPDATE=2000 bash experiments/carried_state/run_carry_state.sh [ROW...]
 #
 # ROWs (default: deltanet deltanet_carry linear_carry):
@@ -37,13 +37,8 @@
 #   THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
 source "$(dirname "${BASH_SOURCE[0]}")/../../examples/run_lib.sh"
 
-DATA=${DATA:-data-bin/tinyshakespeare}
-OUT=${OUT:-results/carry_state}
-MAX_UPDATE=${MAX_UPDATE:-2000}
-CONTEXT=${CONTEXT:-256}
-BATCH=${BATCH:-32}
-SEED=${SEED:-1}
-HEADS=${HEADS:-4}
+env_defaults DATA=data-bin/tinyshakespeare OUT=results/carry_state MAX_UPDATE=2000 CONTEXT=256 \
+    BATCH=32 SEED=1 HEADS=4
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(deltanet deltanet_carry linear_carry)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
@@ -96,27 +91,11 @@ for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
     targs=$(task_args "$row")
     dir="$OUT/$row"
-    mkdir -p "$dir"
-    start=$(date +%s)
     # shellcheck disable=SC2086
-    fairseq-train "$DATA" --user-dir fwp_fairseq $targs \
-        --arch fwp_lm $args --no-token-positional-embeddings \
-        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 --decoder-attention-heads "$HEADS" \
-        --decoder-input-dim 256 --decoder-output-dim 256 \
-        --share-decoder-input-output-embed --dropout 0.1 \
-        --tokens-per-sample "$CONTEXT" \
-        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
-        --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 200 --warmup-init-lr 1e-07 \
-        --max-update "$MAX_UPDATE" --seed "$SEED" \
-        --save-dir "$dir/checkpoints" --no-epoch-checkpoints --num-workers 0 \
-        --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
-        2>&1 | tee "$dir/train.log"
-    secs=$(( $(date +%s) - start ))
-    read -r params updates < <(train_stats "$dir/train.log")
+    train_small_lm "$dir" $targs $args --no-token-positional-embeddings --decoder-attention-heads "$HEADS"
     ckpt="$dir/checkpoints/checkpoint_last.pt"
     valid=$(ppl "$row" "$ckpt" valid "$dir/eval_valid.log")
     test=$(ppl "$row" "$ckpt" test "$dir/eval_test.log")
-    bpc=$(bits_of "$test")
     # rows trained with resets every N segments: also scored with the state reset every N
     # segments in evaluation (--fwp-eval-reset-segments N), so that it is never older than in training
     reset="-" n=$(reset_period "$row")
@@ -126,7 +105,7 @@ for row in "${ROWS[@]}"; do
     carry=$([[ $row == *_carry ]] && echo yes || echo no)
     [[ -n $n ]] && carry="yes, reset every $n segments (staggered)"
     [[ $row == *_stream ]] && carry="no (trained on unshuffled streams)"
-    line="| $row | \`$args\` | $HEADS | $carry | $params | $updates | $((secs / 60)) min | $valid | $test | $bpc | $reset |"
+    line="| $row | \`$args\` | $HEADS | $carry | $ROW_PARAMS | $ROW_UPDATES | $ROW_MINUTES min | $valid | $test | $(bits_of "$test") | $reset |"
     echo "$line" | tee -a "$OUT/table.md"
 done
 echo "Table: $OUT/table.md"
