@@ -59,7 +59,8 @@ def test_eval_last_batch_wraps_fairseqs_batching():
     assert "data_utils.batch_by_size(" in inspect.getsource(fairseq_dataset.FairseqDataset.batch_by_size), \
         "datasets no longer batch through data_utils.batch_by_size: the shim patches nothing"
     assert "dataset.batch_by_size(" in inspect.getsource(FairseqTask.get_batch_iterator)
-    assert "get_batch_iterator(" in inspect.getsource(eval_last_batch._original(Trainer.get_train_iterator)), \
+    get_train_iterator = eval_last_batch._original(Trainer.get_train_iterator)
+    assert "get_batch_iterator(" in inspect.getsource(get_train_iterator), \
         "Trainer.get_train_iterator no longer builds the training batches: training may change"
     # The shim adds back the indices after fairseq's batches: those must be a prefix of them.
     batches = batch_by_size(np.arange(461), lambda i: 1, num_tokens_vec=np.ones(461, dtype=np.int64),

@@ -7,8 +7,10 @@ fairseq-interactive and fairseq-eval-lm batch with a multiple of 1 and lose noth
 The data: a copy task with 13 validation and 13 test sentences (13 is not a multiple of 8).
 The controls run the same fairseq command with the shim switched off (NO_SHIM), to show that
 the set is one fairseq cuts short."""
+import os
 import random
 import re
+import subprocess
 import types
 
 import numpy as np
@@ -23,6 +25,7 @@ fwp_fairseq.register()
 from fwp_fairseq.compat import eval_last_batch  # noqa: E402
 
 N_EVAL = 13
+HYPOTHESES = os.path.join(os.path.dirname(__file__), "..", "examples", "translation", "hypotheses.sh")
 # The same fairseq CLI with the shim switched off before fairseq loads --user-dir.
 NO_SHIM = ("import sys; import fwp_fairseq.compat.eval_last_batch as shim; shim.needed = lambda: False; "
            "from fairseq_cli.{tool} import cli_main; import fwp_fairseq; fwp_fairseq.register(); "
@@ -177,14 +180,30 @@ def _translated(out):
     return int(m.group(1).replace(",", "")), sorted(int(i) for i in re.findall(r"^H-(\d+)", out, re.M))
 
 
+def _hypotheses(generate_out, reference):
+    """examples/translation/hypotheses.sh, as the recipes run it."""
+    return subprocess.run(["bash", HYPOTHESES, generate_out, reference], capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("batching", [["--batch-size", "8"], ["--max-tokens", "4000"]])
-def test_generate_translates_every_sentence(copy13, trained, batching):
+def test_generate_translates_every_sentence(copy13, trained, batching, tmp_path):
     ckpt, _ = trained
     args = [copy13 / "bin", "--path", ckpt, *COMMON, "--beam", "2", "--gen-subset", "test", *batching]
-    assert _translated(run("fairseq-generate", *args)) == (N_EVAL, list(range(N_EVAL)))
+    out = run("fairseq-generate", *args)
+    assert _translated(out) == (N_EVAL, list(range(N_EVAL)))
     if batching[0] == "--batch-size":  # the control: fairseq alone translates 8 of 13
-        count, ids = _translated(run_without_shim("generate", *args))
+        plain = run_without_shim("generate", *args)
+        count, ids = _translated(plain)
         assert count == len(ids) == 8
+        # the recipes' check: the hypotheses in test order, or a stop with a clear error
+        write_lines(tmp_path / "all", out.splitlines())
+        write_lines(tmp_path / "part", plain.splitlines())
+        ok = _hypotheses(tmp_path / "all", copy13 / "test.tgt")
+        short = _hypotheses(tmp_path / "part", copy13 / "test.tgt")
+        hyps = {int(i): h for i, h in re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", out, re.M)}
+        assert ok.returncode == 0 and ok.stdout.splitlines() == [hyps[i] for i in range(N_EVAL)], ok.stderr
+        assert short.returncode == 1 and not short.stdout
+        assert "has 8 hypotheses for 8 sentences" in short.stderr and "13 reference sentences" in short.stderr
 
 
 def test_interactive_translates_every_sentence(copy13, trained):
