@@ -209,10 +209,12 @@ def test_generate_translates_every_sentence(copy13, trained, batching, tmp_path)
 def test_interactive_translates_every_sentence(copy13, trained):
     ckpt, _ = trained
     lines = (copy13 / "test.src").read_text()
-    out = run("fairseq-interactive", copy13 / "bin", "--path", ckpt, *COMMON, "--beam", "2",
-              "--source-lang", "src", "--target-lang", "tgt", "--buffer-size", "16", "--batch-size", "8",
-              "--required-batch-size-multiple", "8", stdin=lines)
-    assert len(re.findall(r"^H-\d+", out, re.M)) == N_EVAL
+    args = [copy13 / "bin", "--path", ckpt, *COMMON, "--beam", "2", "--source-lang", "src",
+            "--target-lang", "tgt", "--buffer-size", "16", "--batch-size", "8",
+            "--required-batch-size-multiple", "8"]
+    for out in (run("fairseq-interactive", *args, stdin=lines),
+                run_without_shim("interactive", *args, stdin=lines)):  # fairseq alone: the same
+        assert len(re.findall(r"^H-\d+", out, re.M)) == N_EVAL
 
 
 def test_eval_lm_scores_every_token(tiny_lm_corpus):
@@ -222,11 +224,12 @@ def test_eval_lm_scores_every_token(tiny_lm_corpus):
     run("fairseq-train", root / "lm-bin", *COMMON, *TRAIN, "--task", "language_modeling",
         "--arch", "fwp_lm_tiny", "--tokens-per-sample", "16", "--sample-break-mode", "eos",
         "--batch-size", "8", "--max-update", "1", "--save-dir", save)
-    out = run("fairseq-eval-lm", root / "lm-bin", "--path", save / "checkpoint_last.pt", *COMMON,
-              "--gen-subset", "valid", "--sample-break-mode", "eos", "--tokens-per-sample", "16",
-              "--batch-size", "8", "--required-batch-size-multiple", "8")
+    args = [root / "lm-bin", "--path", save / "checkpoint_last.pt", *COMMON, "--gen-subset", "valid",
+            "--sample-break-mode", "eos", "--tokens-per-sample", "16", "--batch-size", "8",
+            "--required-batch-size-multiple", "8"]
     lines = (root / "valid.txt").read_text().splitlines()
     assert len(lines) % 8
-    m = re.search(r"Evaluated ([0-9,]+) tokens", out)
-    assert m, out[-3000:]
-    assert int(m.group(1).replace(",", "")) == sum(len(line.split()) + 1 for line in lines)
+    for out in (run("fairseq-eval-lm", *args), run_without_shim("eval_lm", *args)):  # fairseq alone too
+        m = re.search(r"Evaluated ([0-9,]+) tokens", out)
+        assert m, out[-3000:]
+        assert int(m.group(1).replace(",", "")) == sum(len(line.split()) + 1 for line in lines)
