@@ -70,7 +70,7 @@ def test_eval_last_batch_wraps_fairseqs_batching():
     if not eval_last_batch.needed():
         assert not getattr(data_utils, "_fwp_eval_last_batch", False)
         pytest.skip("this fairseq keeps the last batch by itself")
-    assert len(kept) == 456  # fairseq issue #5036: 5 of 461 dropped
+    assert len(kept) == 456  # 5 of 461 dropped: what the shim is for
     assert data_utils._fwp_eval_last_batch
     for patched in (data_utils.batch_by_size, Trainer.get_train_iterator):
         assert patched.__code__.co_filename == eval_last_batch.__file__, patched.__qualname__

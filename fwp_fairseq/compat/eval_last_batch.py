@@ -2,7 +2,7 @@
 multiple of --required-batch-size-multiple (default 8). Harmless for training, wrong for
 evaluation: fairseq-generate translates fewer sentences than the test set holds (461 -> 456 for
 a 461-sentence set at --batch-size 64; sacreBLEU then refuses the output), validation loss and
-BLEU skip sentences, with --max-tokens as with --batch-size (fairseq issue #5036).
+BLEU skip sentences, with --max-tokens as with --batch-size (a known fairseq bug).
 
 The fix keeps fairseq's batches exactly as they are and adds back the dropped tail as one more
 batch (a valid batch: fairseq's own batching built it before dropping it). It applies to every
