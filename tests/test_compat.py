@@ -11,7 +11,7 @@ pytest.importorskip("fairseq")
 import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
-from fwp_fairseq.compat import checkpoint_loading, numpy2, torchrun_cpu  # noqa: E402
+from fwp_fairseq.compat import checkpoint_loading, eval_last_batch, numpy2, torchrun_cpu  # noqa: E402
 
 
 def test_checkpoint_loading_patches_fairseqs_torch_load():
@@ -46,3 +46,31 @@ def test_torchrun_cpu_wraps_fairseqs_launch_set_up():
         pytest.skip("this fairseq sets up torchrun without CUDA devices by itself")
     assert utils._fwp_torchrun_cpu
     assert utils.infer_init_method.__module__ == torchrun_cpu.__name__
+
+
+def test_eval_last_batch_wraps_fairseqs_batching():
+    from fairseq.data import data_utils, fairseq_dataset
+    from fairseq.tasks.fairseq_task import FairseqTask
+    from fairseq.trainer import Trainer
+    batch_by_size = eval_last_batch._original(data_utils.batch_by_size)
+    assert list(inspect.signature(batch_by_size).parameters) == [
+        "indices", "num_tokens_fn", "num_tokens_vec", "max_tokens", "max_sentences",
+        "required_batch_size_multiple", "fixed_shapes"], "fairseq's batch_by_size changed its arguments"
+    assert "data_utils.batch_by_size(" in inspect.getsource(fairseq_dataset.FairseqDataset.batch_by_size), \
+        "datasets no longer batch through data_utils.batch_by_size: the shim patches nothing"
+    assert "dataset.batch_by_size(" in inspect.getsource(FairseqTask.get_batch_iterator)
+    get_train_iterator = eval_last_batch._original(Trainer.get_train_iterator)
+    assert "get_batch_iterator(" in inspect.getsource(get_train_iterator), \
+        "Trainer.get_train_iterator no longer builds the training batches: training may change"
+    # The shim adds back the indices after fairseq's batches: those must be a prefix of them.
+    batches = batch_by_size(np.arange(461), lambda i: 1, num_tokens_vec=np.ones(461, dtype=np.int64),
+                            max_sentences=64, required_batch_size_multiple=8)
+    kept = np.concatenate(batches)
+    assert np.array_equal(kept, np.arange(len(kept))), "fairseq's batches are no longer slices in order"
+    if not eval_last_batch.needed():
+        assert not getattr(data_utils, "_fwp_eval_last_batch", False)
+        pytest.skip("this fairseq keeps the last batch by itself")
+    assert len(kept) == 456  # 5 of 461 dropped: what the shim is for
+    assert data_utils._fwp_eval_last_batch
+    for patched in (data_utils.batch_by_size, Trainer.get_train_iterator):
+        assert patched.__code__.co_filename == eval_last_batch.__file__, patched.__qualname__

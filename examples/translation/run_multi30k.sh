@@ -3,7 +3,7 @@
 # budget for every attention variant, then beam-5 sacreBLEU on test_2016_flickr.
 # Prints one markdown table row per variant (and appends it to $OUT/table.md).
 #
-#   bash data-scripts/prepare-multi30k.sh --from ../shared/data/multi30k   # once
+#   bash data-scripts/prepare-multi30k.sh [--from /path/to/multi30k]   # once
 #   MAX_UPDATE=1800 bash examples/translation/run_multi30k.sh [ROW...]
 #
 # ROWs: softmax linear dpfp delta (default: all four). Environment:
@@ -65,8 +65,8 @@ for row in "${ROWS[@]}"; do
     fairseq-generate "$DATA" --user-dir fwp_fairseq --task translation --source-lang de --target-lang en \
         --path "$dir/checkpoints/checkpoint_last.pt" --gen-subset test \
         --beam 5 --batch-size 64 --remove-bpe sentencepiece --num-workers 0 ${GEN_ARGS:-} >"$dir/generate.out"
-    # H-<id>: hypotheses, detokenised by --remove-bpe sentencepiece; restore test order.
-    grep '^H-' "$dir/generate.out" | sed 's/^H-//' | sort -n -k1,1 | cut -f3 >"$dir/hyp.en"
+    # one hypothesis per reference sentence, in test order (else the script stops here)
+    bash "$ROOT/examples/translation/hypotheses.sh" "$dir/generate.out" "$REF" >"$dir/hyp.en"
     if grep -q '<unk>' "$dir/hyp.en"; then echo "warning: <unk> in $row hypotheses" >&2; fi
     bleu=$(python3 -m sacrebleu "$REF" -i "$dir/hyp.en" -b)
     line="| $row | \`$args\` | $params | $updates | $((secs / 60)) min | $bleu |"
