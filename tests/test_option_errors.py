@@ -54,7 +54,7 @@ def test_cuda_impl_needs_a_gpu():
 def test_performer_with_delta_warns_but_builds(caplog):
     with caplog.at_level(logging.WARNING):
         o = fwp_options(opts(kernel="performer", update="delta"))
-    assert o.kernel == "performer" and o.update == "delta"
+    assert o.feature_map == "performer" and o.update == "delta"
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("--fwp-kernel performer" in m and "--fwp-update delta" in m and "NaN" in m for m in warned)
     caplog.clear()
@@ -94,7 +94,7 @@ def test_cli_rejects_unknown_kernel_and_cuda_on_cpu(tmp_path):
 
 def test_l2_normalize_replaces_sum_normalisation():
     o = fwp_options(opts(update="delta", l2_normalize=True))
-    assert o.l2_normalize and o.sum_normalize is None  # the layer turns sum normalisation off
+    assert o.l2_norm and o.sum_norm is None  # the layer turns sum normalisation off
     # performer needs its features normalised: L2 instead of sum is fine
     o = fwp_options(opts(kernel="performer", no_sum_normalize=True, l2_normalize=True))
-    assert o.l2_normalize and o.sum_normalize is False
+    assert o.l2_norm and o.sum_norm is False
