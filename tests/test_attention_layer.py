@@ -23,7 +23,8 @@ def x_(T, B, seed=0, dim=E):
 
 
 def naive_causal(a, x):
-    """The paper's recurrences (arXiv 2102.11174, sections 3 and 4.2) written literally, one step at a time, W: (d_v x d_dot) per head."""
+    """The paper's recurrences (arXiv 2102.11174, sections 3 and 4.2) written literally, one step
+    at a time, W: (d_v x d_dot) per head."""
     T, B, _ = x.shape
     q = a._phi(a._heads(a.q_proj(x), B))
     k = a._phi(a._heads(a.k_proj(x), B))

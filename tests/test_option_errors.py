@@ -98,3 +98,25 @@ def test_l2_normalize_replaces_sum_normalisation():
     # performer needs its features normalised: L2 instead of sum is fine
     o = fwp_options(opts(kernel="performer", no_sum_normalize=True, l2_normalize=True))
     assert o.l2_norm and o.sum_norm is False
+
+
+def test_flags_and_layer_share_one_definition():
+    """The flags default to the layer's own argument defaults, and a contradiction is the same
+    check through both (resolve_normalisation), naming the flag or the argument."""
+    import inspect
+    from fwp_fairseq.models.fwp_options import FwpFields
+    from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention
+    layer_defaults = inspect.signature(FastWeightAttention).parameters
+    for flag, arg in (("fwp_kernel", "feature_map"), ("fwp_update", "update"), ("fwp_dpfp_nu", "dpfp_nu"),
+                      ("fwp_performer_features", "performer_features"), ("fwp_performer_seed", "seed"),
+                      ("fwp_impl", "impl")):
+        assert FwpFields.__dataclass_fields__[flag].default == layer_defaults[arg].default, flag
+    for flags, kwargs in ((dict(kernel="identity", sum_normalize=True), dict(feature_map="identity", sum_norm=True)),
+                          (dict(kernel="performer", no_sum_normalize=True), dict(feature_map="performer", sum_norm=False))):
+        with pytest.raises(ValueError) as by_flag:
+            fwp_options(opts(**flags))
+        with pytest.raises(ValueError) as by_arg:
+            FastWeightAttention(8, 2, self_attention=True, causal=True, **kwargs)
+        flag_msg = str(by_flag.value).replace("--fwp-no-sum-normalize", "sum_norm")
+        flag_msg = flag_msg.replace("--fwp-sum-normalize", "sum_norm").replace("--fwp-l2-normalize", "l2_norm")
+        assert flag_msg == str(by_arg.value)
