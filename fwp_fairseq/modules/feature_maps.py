@@ -176,10 +176,10 @@ def resolve_normalisation(feature_map, update, attn_normalize=None, sum_norm=Non
         raise ValueError(f"{names['sum_norm']} and {names['l2_norm']} contradict each other: phi is "
                          "normalised one way, pick one")
     if fmap.signed and sum_norm:
-        raise ValueError(f"{names['sum_norm']}: identity features are signed and can sum to zero; "
+        raise ValueError(f"{names['sum_norm']}: {feature_map} features are signed and can sum to zero; "
                          f"use {names['l2_norm']}")
     if fmap.signed and attn_normalize:
-        raise ValueError(f"{names['attn_normalize']}: identity features are signed, the normaliser "
+        raise ValueError(f"{names['attn_normalize']}: {feature_map} features are signed, the normaliser "
                          "z . phi(q) can be zero; turn it off")
     if sum_norm is None:
         sum_norm = not (l2_norm or fmap.signed) and (update == "delta" or fmap.sum_normalised)
