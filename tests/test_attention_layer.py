@@ -23,7 +23,8 @@ def x_(T, B, seed=0, dim=E):
 
 
 def naive_causal(a, x):
-    """PAPER.md sections 1-2 written literally, one step at a time, W: (d_v x d_dot) per head."""
+    """The paper's recurrences (arXiv 2102.11174, sections 3 and 4.2) written literally, one step
+    at a time, W: (d_v x d_dot) per head."""
     T, B, _ = x.shape
     q = a._phi(a._heads(a.q_proj(x), B))
     k = a._phi(a._heads(a.k_proj(x), B))
@@ -55,7 +56,7 @@ def naive_causal(a, x):
 @pytest.mark.parametrize("update", ["sum", "delta"])
 @pytest.mark.parametrize("norm", [False, True])
 def test_causal_matches_the_papers_recurrence(kernel, update, norm):
-    a = layer(causal=True, kernel=kernel, update=update, attn_normalize=norm, performer_features=4)
+    a = layer(causal=True, feature_map=kernel, update=update, attn_normalize=norm, performer_features=4)
     x = x_(9, 2)
     with torch.no_grad():
         got, weights = a(x, x, x)
@@ -68,8 +69,8 @@ def test_causal_matches_the_papers_recurrence(kernel, update, norm):
 def test_l2_normalised_features(kernel, update):
     """--fwp-l2-normalize: phi(k), phi(q) of unit length (instead of unit sum), the same
     recurrence, and the incremental (generation) path agrees with the full one."""
-    a = layer(causal=True, kernel=kernel, update=update, l2_normalize=True, performer_features=4)
-    assert a.l2_normalize and not a.sum_normalize
+    a = layer(causal=True, feature_map=kernel, update=update, l2_norm=True, performer_features=4)
+    assert a.phi_norm == "l2"
     assert a.attn_normalize == (update == "sum" and kernel != "identity")
     x = x_(9, 2)
     with torch.no_grad():
@@ -84,18 +85,18 @@ def test_l2_normalised_features(kernel, update):
 
 def test_identity_features_are_the_projections():
     """--fwp-kernel identity: phi(x) = x, no normalisation of any kind unless asked for."""
-    a = layer(causal=True, kernel="identity", update="delta")
-    assert not (a.sum_normalize or a.l2_normalize or a.attn_normalize)
+    a = layer(causal=True, feature_map="identity", update="delta")
+    assert a.phi_norm is None and not a.attn_normalize
     x = x_(5, 2)
     with torch.no_grad():
         torch.testing.assert_close(a._phi(a._heads(a.k_proj(x), 2)), a._heads(a.k_proj(x), 2))
         torch.testing.assert_close(a(x, x, x)[0], naive_causal(a, x), atol=1e-9, rtol=1e-7)
-    assert not layer(kernel="identity").attn_normalize  # non-causal (sum rule) too
+    assert not layer(feature_map="identity").attn_normalize  # non-causal (sum rule) too
 
 
 @pytest.mark.parametrize("norm", [False, True])
 def test_noncausal_reads_after_all_writes(norm):
-    a = layer(kernel="linear", attn_normalize=norm)
+    a = layer(feature_map="linear", attn_normalize=norm)
     x = x_(6, 2)
     with torch.no_grad():
         got = a(x, x, x)[0]
@@ -114,11 +115,11 @@ def test_noncausal_reads_after_all_writes(norm):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_invariance(kind, side):
     if kind == "cross":
-        a = layer(encoder_decoder_attention=True, kernel="dpfp", kdim=E)
+        a = layer(encoder_decoder_attention=True, feature_map="dpfp", kdim=E)
     elif kind == "noncausal":
-        a = layer(kernel="performer", performer_features=4)
+        a = layer(feature_map="performer", performer_features=4)
     else:
-        a = layer(causal=True, kernel="linear", update=kind.split("-")[1], attn_normalize=True)
+        a = layer(causal=True, feature_map="linear", update=kind.split("-")[1], attn_normalize=True)
     short, long_ = x_(3, 1, 1), x_(6, 1, 2)
     pad = torch.zeros(3, 1, E, dtype=torch.float64) + 7.0  # garbage at padded positions
     padded = torch.cat([pad, short]) if side == "left" else torch.cat([short, pad])
@@ -143,7 +144,7 @@ def test_padding_invariance(kind, side):
 
 @pytest.mark.parametrize("update", ["sum", "delta"])
 def test_incremental_state_is_constant_size_and_reorders(update):
-    a = layer(causal=True, kernel="dpfp", dpfp_nu=2, update=update, attn_normalize=True)
+    a = layer(causal=True, feature_map="dpfp", dpfp_nu=2, update=update, attn_normalize=True)
     x = x_(8, 3)
     with torch.no_grad():
         full = a(x, x, x)[0]
@@ -165,7 +166,7 @@ def test_incremental_state_is_constant_size_and_reorders(update):
 
 
 def test_cross_attention_state_built_once():
-    a = layer(encoder_decoder_attention=True, kernel="linear", kdim=12, vdim=12)
+    a = layer(encoder_decoder_attention=True, feature_map="linear", kdim=12, vdim=12)
     enc = x_(5, 2, 1, dim=12)
     q = x_(3, 2, 2)
     with torch.no_grad():
@@ -181,7 +182,7 @@ def test_cross_attention_state_built_once():
 
 
 def test_zero_features_give_no_nan():
-    a = layer(causal=True, kernel="dpfp", update="delta", attn_normalize=True)
+    a = layer(causal=True, feature_map="dpfp", update="delta", attn_normalize=True)
     for p in (a.q_proj, a.k_proj):  # phi(0) = 0 for DPFP
         torch.nn.init.zeros_(p.weight)
         torch.nn.init.zeros_(p.bias)
@@ -191,7 +192,7 @@ def test_zero_features_give_no_nan():
 
 
 def test_gradients_flow_to_every_parameter():
-    a = layer(causal=True, kernel="linear", update="delta", attn_normalize=True).train()
+    a = layer(causal=True, feature_map="linear", update="delta", attn_normalize=True).train()
     x = x_(7, 2)
     a(x, x, x)[0].square().sum().backward()
     for name, p in a.named_parameters():
@@ -200,12 +201,12 @@ def test_gradients_flow_to_every_parameter():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(embed_dim=15, num_heads=2), "divisible"),
-    (dict(kernel="cosine"), "kernel"),
+    (dict(feature_map="cosine"), "feature_map"),
     (dict(update="oja"), "update"),
-    (dict(kernel="performer", sum_normalize=False), "performer features must be normalised"),
-    (dict(sum_normalize=True, l2_normalize=True), "pick one"),
-    (dict(kernel="identity", sum_normalize=True), "signed"),
-    (dict(kernel="identity", causal=True, attn_normalize=True), "signed"),
+    (dict(feature_map="performer", sum_norm=False), "performer features must be normalised"),
+    (dict(sum_norm=True, l2_norm=True), "pick one"),
+    (dict(feature_map="identity", sum_norm=True), "signed"),
+    (dict(feature_map="identity", causal=True, attn_normalize=True), "signed"),
     (dict(causal=True, self_attention=False, encoder_decoder_attention=True), "causal"),
 ])
 def test_bad_construction_is_a_clear_error(kwargs, message):

@@ -90,7 +90,7 @@ def test_too_many_streams_is_an_error():
 @pytest.mark.parametrize("update,norm", [("delta", False), ("delta", True), ("sum", True)])
 def test_layer_carry_equals_one_long_segment(update, norm):
     torch.manual_seed(0)
-    att = FastWeightAttention(16, 2, self_attention=True, causal=True, kernel="dpfp", update=update,
+    att = FastWeightAttention(16, 2, self_attention=True, causal=True, feature_map="dpfp", update=update,
                               attn_normalize=norm).eval()
     x = torch.randn(23, 3, 16, dtype=torch.float64)
     att.double()

@@ -75,7 +75,7 @@ def test_options_survive_the_checkpoint(lm_checkpoint, mt_checkpoint):
         "from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention as F\n"
         "m = checkpoint_utils.load_model_ensemble([sys.argv[1]])[0][0]\n"
         "a = [x for x in m.modules() if isinstance(x, F)]\n"
-        "print('LAYERS', len(a), {(x.kernel, x.update, x.attn_normalize, x.sum_normalize) for x in a})\n"
+        "print('LAYERS', len(a), {(x.feature_map_name, x.update, x.attn_normalize, x.phi_norm == 'sum') for x in a})\n"
         "import torch\n"
         "try:\n"
         "    torch.load(sys.argv[2])\n"

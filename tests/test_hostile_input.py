@@ -17,7 +17,7 @@ CAUSAL = [(k, u, n) for k in KERNELS for u in ("sum", "delta") for n in (False, 
 
 def layer(kind, kernel="dpfp", update="sum", norm=None, dim=16):
     torch.manual_seed(0)
-    kw = dict(kernel=kernel, update=update, attn_normalize=norm, performer_features=8)
+    kw = dict(feature_map=kernel, update=update, attn_normalize=norm, performer_features=8)
     if kind == "cross":
         return FastWeightAttention(dim, 2, encoder_decoder_attention=True, **kw)
     return FastWeightAttention(dim, 2, self_attention=True, causal=kind == "causal", **kw)
@@ -85,7 +85,7 @@ def hwm():  # VmHWM: this process's peak RSS (ru_maxrss would carry the forking 
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 
 torch.set_num_threads(1)
-a = FastWeightAttention(64, 4, self_attention=True, causal=True, kernel="dpfp", update=sys.argv[1])
+a = FastWeightAttention(64, 4, self_attention=True, causal=True, feature_map="dpfp", update=sys.argv[1])
 base = hwm()
 for T in (4096, 16384):  # the shorter first: the high-water mark then belongs to the longer
     x = torch.randn(T, 1, 64, requires_grad=True)

@@ -43,8 +43,8 @@ def test_every_option_reaches_every_layer(arch):
     assert len(layers) == expected
     assert not any(isinstance(m, MultiheadAttention) for m in model.modules())
     for a in layers:
-        assert a.kernel == "dpfp" and a.feature_map.nu == 3 and a.feature_map.out_dim == 2 * a.head_dim * 3
-        assert a.attn_normalize and a.sum_normalize and a.impl == "reference"
+        assert a.feature_map_name == "dpfp" and a.feature_map.nu == 3 and a.feature_map.out_dim == 2 * a.head_dim * 3
+        assert a.attn_normalize and a.phi_norm == "sum" and a.impl == "reference"
         assert a.update == ("delta" if a.causal else "sum")
     causal = [a for a in layers if a.causal]
     assert len(causal) == n_dec and all(a.beta_proj is not None for a in causal)
@@ -56,15 +56,15 @@ def test_performer_options_and_defaults(arch):
                             "--fwp-no-attn-normalize", "--fwp-performer-seed", "7"])
     layers = fast_layers(model)
     assert layers and all(a.feature_map.num_features == 5 and a.feature_map.out_dim == 10 for a in layers)
-    assert all(not a.attn_normalize and a.sum_normalize for a in layers)
+    assert all(not a.attn_normalize and a.phi_norm == "sum" for a in layers)
     seeds = [a.feature_map.seed for a in layers]
     assert len(set(seeds)) == len(seeds)  # every layer and use draws its own features
     default_update = "delta" if "lm" in arch else "sum"  # Delta Net LM; the paper's MT used sum
     model, _ = build(arch)
     for a in fast_layers(model):
-        assert a.kernel == "linear" and a.update == (default_update if a.causal else "sum")
+        assert a.feature_map_name == "linear" and a.update == (default_update if a.causal else "sum")
         assert a.attn_normalize == (a.update == "sum")
-        assert a.sum_normalize == (a.update == "delta")  # linear kernel: only with delta
+        assert (a.phi_norm == "sum") == (a.update == "delta")  # linear kernel: only with delta
 
 
 def test_attention_types_switch_independently():

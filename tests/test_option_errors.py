@@ -54,7 +54,7 @@ def test_cuda_impl_needs_a_gpu():
 def test_performer_with_delta_warns_but_builds(caplog):
     with caplog.at_level(logging.WARNING):
         o = fwp_options(opts(kernel="performer", update="delta"))
-    assert o.kernel == "performer" and o.update == "delta"
+    assert o.feature_map == "performer" and o.update == "delta"
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("--fwp-kernel performer" in m and "--fwp-update delta" in m and "NaN" in m for m in warned)
     caplog.clear()
@@ -94,7 +94,29 @@ def test_cli_rejects_unknown_kernel_and_cuda_on_cpu(tmp_path):
 
 def test_l2_normalize_replaces_sum_normalisation():
     o = fwp_options(opts(update="delta", l2_normalize=True))
-    assert o.l2_normalize and o.sum_normalize is None  # the layer turns sum normalisation off
+    assert o.l2_norm and o.sum_norm is None  # the layer turns sum normalisation off
     # performer needs its features normalised: L2 instead of sum is fine
     o = fwp_options(opts(kernel="performer", no_sum_normalize=True, l2_normalize=True))
-    assert o.l2_normalize and o.sum_normalize is False
+    assert o.l2_norm and o.sum_norm is False
+
+
+def test_flags_and_layer_share_one_definition():
+    """The flags default to the layer's own argument defaults, and a contradiction is the same
+    check through both (resolve_normalisation), naming the flag or the argument."""
+    import inspect
+    from fwp_fairseq.models.fwp_options import FwpFields
+    from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention
+    layer_defaults = inspect.signature(FastWeightAttention).parameters
+    for flag, arg in (("fwp_kernel", "feature_map"), ("fwp_update", "update"), ("fwp_dpfp_nu", "dpfp_nu"),
+                      ("fwp_performer_features", "performer_features"), ("fwp_performer_seed", "seed"),
+                      ("fwp_impl", "impl")):
+        assert FwpFields.__dataclass_fields__[flag].default == layer_defaults[arg].default, flag
+    for flags, kwargs in ((dict(kernel="identity", sum_normalize=True), dict(feature_map="identity", sum_norm=True)),
+                          (dict(kernel="performer", no_sum_normalize=True), dict(feature_map="performer", sum_norm=False))):
+        with pytest.raises(ValueError) as by_flag:
+            fwp_options(opts(**flags))
+        with pytest.raises(ValueError) as by_arg:
+            FastWeightAttention(8, 2, self_attention=True, causal=True, **kwargs)
+        flag_msg = str(by_flag.value).replace("--fwp-no-sum-normalize", "sum_norm")
+        flag_msg = flag_msg.replace("--fwp-sum-normalize", "sum_norm").replace("--fwp-l2-normalize", "l2_norm")
+        assert flag_msg == str(by_arg.value)

@@ -27,7 +27,7 @@ TOL = {torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 def layer(kernel, update, causal=True, **kw):
     torch.manual_seed(0)
-    return FastWeightAttention(16, 2, self_attention=True, causal=causal, kernel=kernel, update=update,
+    return FastWeightAttention(16, 2, self_attention=True, causal=causal, feature_map=kernel, update=update,
                                performer_features=8, **kw).eval()
 
 

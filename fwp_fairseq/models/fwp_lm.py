@@ -1,5 +1,5 @@
 """fwp_lm: fairseq's decoder-only Transformer language model with fast-weight causal
-self-attention (the paper's WikiText-103 models; ../shared/PAPER.md section 4).
+self-attention (the paper's WikiText-103 models; arXiv 2102.11174, section 6.3).
 
 --fwp-kernel softmax is fairseq's transformer_lm with the same flags and checkpoint layout."""
 import logging
@@ -15,7 +15,8 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..modules.fast_weight_attention import FastWeightAttention
-from .fwp_options import UPDATES, FwpFields, fwp_options, install_fast_weights, set_fwp_defaults
+from ..ops import UPDATES
+from .fwp_options import FwpFields, fwp_options, install_fast_weights, set_defaults, set_fwp_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -131,25 +132,19 @@ def _no_future_mask(tensor):
 
 def fwp_lm_base(args):
     """Defaults for named architectures (--arch fwp_lm itself takes FwpLMConfig's defaults)."""
-    set_fwp_defaults(args, FwpLMConfig, fwp_update="delta")
+    set_fwp_defaults(args, FwpLMConfig)
     base_lm_architecture(args)
-
-
-def _set(args, **values):
-    for name, value in values.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
 
 
 def _wiki103(args, dim):
     """Paper Table 2: 16 layers, 8 heads, FFN 2048, dropout 0.1, adaptive input and softmax with
     div 1 (factor 1) and tied weights. Context (--tokens-per-sample 256 / 384) is a task flag."""
     cutoff = "20000,40000,200000"
-    _set(args, decoder_layers=16, decoder_embed_dim=dim, decoder_input_dim=dim, decoder_output_dim=dim,
-         decoder_attention_heads=8, decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0,
-         adaptive_input=True, adaptive_input_factor=1, adaptive_input_cutoff=cutoff,
-         adaptive_softmax_cutoff=cutoff, adaptive_softmax_factor=1, adaptive_softmax_dropout=0.0,
-         tie_adaptive_weights=True, tie_adaptive_proj=True)
+    set_defaults(args, decoder_layers=16, decoder_embed_dim=dim, decoder_input_dim=dim,
+                 decoder_output_dim=dim, decoder_attention_heads=8, decoder_ffn_embed_dim=2048,
+                 dropout=0.1, attention_dropout=0.0, adaptive_input=True, adaptive_input_factor=1,
+                 adaptive_input_cutoff=cutoff, adaptive_softmax_cutoff=cutoff, adaptive_softmax_factor=1,
+                 adaptive_softmax_dropout=0.0, tie_adaptive_weights=True, tie_adaptive_proj=True)
     fwp_lm_base(args)
 
 
@@ -168,5 +163,6 @@ def fwp_lm_wiki103_medium(args):
 @register_model_architecture("fwp_lm", "fwp_lm_tiny")
 def fwp_lm_tiny(args):
     """For tests and smoke runs: 2 layers, d_model 32, 4 heads, FFN 64."""
-    _set(args, decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_ffn_embed_dim=64)
+    set_defaults(args, decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4,
+                 decoder_ffn_embed_dim=64)
     fwp_lm_base(args)

@@ -1,42 +1,58 @@
 """The --fwp-* options shared by fwp_transformer and fwp_lm, and how they turn into layers.
 
-One dataclass declares the flags (fairseq builds argparse flags and the LM's config from it);
-``fwp_options(args)`` reads them straight from the model's args/config, never through fairseq's
-TransformerConfig, which drops fields it does not know for dataclass-configured models."""
+One dataclass declares the flags (fairseq builds argparse flags and the LM's config from it),
+with the attention layer's own defaults; ``fwp_options(args)`` reads them straight from the
+model's args/config, never through fairseq's TransformerConfig, which drops fields it does not
+know for dataclass-configured models."""
+import inspect
 import logging
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import torch
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
-KERNELS = ("softmax", "linear", "performer", "dpfp", "identity")
-UPDATES = ("sum", "delta")
-IMPLS = ("auto", "reference", "chunked", "cuda")
+from ..modules.fast_weight_attention import FastWeightAttention
+from ..modules.feature_maps import FEATURE_MAPS, resolve_normalisation
+from ..ops import IMPLS, UPDATES
+
+# --fwp-kernel: "softmax" keeps fairseq's MultiheadAttention; the other choices are feature maps.
+KERNELS = ("softmax",) + tuple(FEATURE_MAPS)
+# resolve_normalisation's errors name these flags.
+FLAGS = {"attn_normalize": "--fwp-attn-normalize", "sum_norm": "--fwp-sum-normalize",
+         "no_sum_norm": "--fwp-no-sum-normalize", "l2_norm": "--fwp-l2-normalize"}
 
 logger = logging.getLogger(__name__)
+
+
+def _layer_default(argument):
+    """A flag's default is the default of the FastWeightAttention argument it sets."""
+    return inspect.signature(FastWeightAttention).parameters[argument].default
 
 
 @dataclass
 class FwpFields(FairseqDataclass):
     fwp_kernel: ChoiceEnum(KERNELS) = field(
-        default="linear",
+        default=_layer_default("feature_map"),
         metadata={"help": "feature map phi of the fast-weight attention; 'softmax' keeps "
                           "fairseq's own MultiheadAttention (the baseline); 'identity' (phi(x) = x, "
                           "signed: no sum normalisation or attention normaliser; use it with "
                           "--fwp-l2-normalize) is not in the paper"})
     fwp_update: ChoiceEnum(UPDATES) = field(
-        default="sum",
+        default=_layer_default("update"),
         metadata={"help": "update rule of causal (decoder) self-attention; non-causal attention "
                           "(encoder self-attention, encoder-decoder attention) always writes all "
                           "keys with the sum rule, then reads"})
-    fwp_dpfp_nu: int = field(default=1, metadata={"help": "DPFP order nu (d_dot = 2 * head_dim * nu)"})
+    fwp_dpfp_nu: int = field(
+        default=_layer_default("dpfp_nu"), metadata={"help": "DPFP order nu (d_dot = 2 * head_dim * nu)"})
     fwp_performer_features: int = field(
-        default=16, metadata={"help": "FAVOR+ random features m (d_dot = 2m); redrawn every "
-                                      "training update from --seed and the update number"})
+        default=_layer_default("performer_features"),
+        metadata={"help": "FAVOR+ random features m (d_dot = 2m); redrawn every training update "
+                          "from --seed and the update number"})
     fwp_performer_seed: int = field(
-        default=1, metadata={"help": "seed of the FAVOR+ draws (each layer offsets it)"})
+        default=_layer_default("seed"), metadata={"help": "seed of the FAVOR+ draws (each layer offsets it)"})
     fwp_attn_normalize: bool = field(
         default=False, metadata={"help": "force the attention normaliser z on everywhere (default: "
                                          "on for sum-rule attention, off for delta-rule attention)"})
@@ -53,7 +69,8 @@ class FwpFields(FairseqDataclass):
                                          "them (not in the paper): a delta-rule write with beta = 1 "
                                          "then replaces what the memory held along its key"})
     fwp_impl: ChoiceEnum(IMPLS) = field(
-        default="auto", metadata={"help": "implementation of the causal recurrence (fwp_fairseq.ops)"})
+        default=_layer_default("impl"),
+        metadata={"help": "implementation of the causal recurrence (fwp_fairseq.ops)"})
 
 
 @dataclass
@@ -69,23 +86,23 @@ class FwpTransformerFields(FwpFields):
 
 @dataclass
 class FwpOptions:
-    """The resolved options that every FastWeightAttention of a model is built from."""
-    kernel: str = "linear"
-    update: str = "sum"
-    dpfp_nu: int = 1
-    performer_features: int = 16
-    attn_normalize: object = None  # None: per attention (on for the sum rule, off for delta)
-    sum_normalize: object = None  # None: per attention (on for delta or performer)
-    l2_normalize: bool = False
-    impl: str = "auto"
-    seed: int = 1
-    encoder_self_attn: bool = True
-    decoder_self_attn: bool = True
-    encoder_decoder_attn: bool = True
+    """The checked options every FastWeightAttention of a model is built from (fwp_options)."""
+    feature_map: Optional[str]  # None: fairseq's softmax attention
+    update: str
+    dpfp_nu: int
+    performer_features: int
+    attn_normalize: Optional[bool]  # None: the layer's default (resolve_normalisation)
+    sum_norm: Optional[bool]  # None: likewise
+    l2_norm: bool
+    impl: str
+    seed: int
+    encoder_self_attn: bool
+    decoder_self_attn: bool
+    encoder_decoder_attn: bool
 
     @property
     def fast(self):
-        return self.kernel != "softmax"
+        return self.feature_map is not None
 
 
 def add_fwp_args(parser, fields_cls=FwpTransformerFields):
@@ -93,11 +110,16 @@ def add_fwp_args(parser, fields_cls=FwpTransformerFields):
     gen_parser_from_dataclass(parser, fields_cls(), delete_default=True)
 
 
-def set_fwp_defaults(args, fields_cls, **overrides):
-    """Fill every --fwp-* field the command line left unset (for architecture functions)."""
-    for f in fields(fields_cls):
-        if f.name.startswith("fwp_") and getattr(args, f.name, None) is None:
-            setattr(args, f.name, overrides.get(f.name, f.default))
+def set_defaults(args, **values):
+    """Fill the attributes of args that are missing or None (for architecture functions)."""
+    for name, value in values.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def set_fwp_defaults(args, fields_cls):
+    """Fill every --fwp-* field the command line left unset with fields_cls's default."""
+    set_defaults(args, **{f.name: f.default for f in fields(fields_cls) if f.name.startswith("fwp_")})
 
 
 def _tri_state(args, on, off, what):
@@ -107,18 +129,18 @@ def _tri_state(args, on, off, what):
     return True if on_v else (False if off_v else None)
 
 
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(FwpTransformerFields)}
+
+
 def fwp_options(args):
     """Validate the --fwp-* flags of a model's args (Namespace or DictConfig) -> FwpOptions.
-    Errors name the flag."""
-    def get(name, default):
+    Errors name the flag; a flag missing from args takes its dataclass default."""
+    def get(name):
         v = getattr(args, name, None)
-        return default if v is None else v
+        return _FIELD_DEFAULTS[name] if v is None else v
 
-    kernel = str(get("fwp_kernel", "linear"))
-    update = str(get("fwp_update", "sum"))
-    impl = str(get("fwp_impl", "auto"))
-    nu = int(get("fwp_dpfp_nu", 1))
-    m = int(get("fwp_performer_features", 16))
+    kernel, update, impl = str(get("fwp_kernel")), str(get("fwp_update")), str(get("fwp_impl"))
+    nu, m = int(get("fwp_dpfp_nu")), int(get("fwp_performer_features"))
     if kernel not in KERNELS:
         raise ValueError(f"--fwp-kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if update not in UPDATES:
@@ -129,21 +151,11 @@ def fwp_options(args):
         raise ValueError(f"--fwp-dpfp-nu: DPFP order must be >= 1, got {nu}")
     if m < 1:
         raise ValueError(f"--fwp-performer-features: FAVOR+ needs m >= 1, got {m}")
+    attn_norm = _tri_state(args, "fwp_attn_normalize", "fwp_no_attn_normalize", "attention normaliser")
     sum_norm = _tri_state(args, "fwp_sum_normalize", "fwp_no_sum_normalize", "sum normalisation")
-    l2_norm = bool(get("fwp_l2_normalize", False))
-    if l2_norm and sum_norm:
-        raise ValueError("--fwp-sum-normalize and --fwp-l2-normalize contradict each other (phi is "
-                         "normalised one way)")
-    if kernel == "identity":
-        if sum_norm:
-            raise ValueError("--fwp-sum-normalize: identity features are signed and can sum to zero "
-                             "(use --fwp-l2-normalize)")
-        if bool(getattr(args, "fwp_attn_normalize", False)):
-            raise ValueError("--fwp-attn-normalize: identity features are signed, the normaliser "
-                             "z . phi(q) can be zero")
-    if kernel == "performer" and sum_norm is False and not l2_norm:
-        raise ValueError("--fwp-no-sum-normalize: performer features are only defined up to a "
-                         "per-vector factor and must be normalised (sum, or --fwp-l2-normalize)")
+    l2_norm = bool(get("fwp_l2_normalize"))
+    # The layers resolve the defaults; contradictions fail here, at start-up, naming the flag.
+    resolve_normalisation(kernel, update, attn_norm, sum_norm, l2_norm, names=FLAGS)
     if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
         # Fail before any data is loaded rather than at the first forward.
         raise ValueError("--fwp-impl: 'cuda' needs a CUDA GPU (none here, or --cpu); use auto, "
@@ -154,24 +166,23 @@ def fwp_options(args):
         logger.warning("--fwp-kernel performer with --fwp-update delta: the paper saw NaN with "
                        "this pair in its synthetic task; watch the loss")
     return FwpOptions(
-        kernel=kernel, update=update, dpfp_nu=nu, performer_features=m,
-        attn_normalize=_tri_state(args, "fwp_attn_normalize", "fwp_no_attn_normalize", "attention normaliser"),
-        sum_normalize=sum_norm, l2_normalize=l2_norm, impl=impl, seed=int(get("fwp_performer_seed", 1)),
-        encoder_self_attn=not bool(get("fwp_softmax_encoder_self_attn", False)),
-        decoder_self_attn=not bool(get("fwp_softmax_decoder_self_attn", False)),
-        encoder_decoder_attn=not bool(get("fwp_softmax_encoder_decoder_attn", False)),
+        feature_map=None if kernel == "softmax" else kernel, update=update, dpfp_nu=nu,
+        performer_features=m, attn_normalize=attn_norm, sum_norm=sum_norm, l2_norm=l2_norm,
+        impl=impl, seed=int(get("fwp_performer_seed")),
+        encoder_self_attn=not bool(get("fwp_softmax_encoder_self_attn")),
+        decoder_self_attn=not bool(get("fwp_softmax_decoder_self_attn")),
+        encoder_decoder_attn=not bool(get("fwp_softmax_encoder_decoder_attn")),
     )
 
 
 def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=False, cross=False):
     """One FastWeightAttention for a given use, from the resolved options."""
-    from ..modules.fast_weight_attention import FastWeightAttention
     return FastWeightAttention(
         embed_dim, num_heads, kdim=kdim, vdim=kdim, self_attention=not cross,
-        encoder_decoder_attention=cross, causal=causal, kernel=opts.kernel, update=opts.update,
-        dpfp_nu=opts.dpfp_nu, performer_features=opts.performer_features,
-        attn_normalize=opts.attn_normalize, sum_normalize=opts.sum_normalize,
-        l2_normalize=opts.l2_normalize, seed=opts.seed * 10_007 + seed_offset, impl=opts.impl)
+        encoder_decoder_attention=cross, causal=causal, feature_map=opts.feature_map,
+        update=opts.update, dpfp_nu=opts.dpfp_nu, performer_features=opts.performer_features,
+        attn_normalize=opts.attn_normalize, sum_norm=opts.sum_norm, l2_norm=opts.l2_norm,
+        seed=opts.seed * 10_007 + seed_offset, impl=opts.impl)
 
 
 def install_fast_weights(opts, encoder=None, decoder=None):

@@ -1,5 +1,5 @@
 """fwp_transformer: fairseq's encoder-decoder Transformer with fast-weight attention
-(the paper's WMT14 En-De models; ../shared/PAPER.md section 4).
+(the paper's WMT14 En-De models; arXiv 2102.11174, section 6.2).
 
 By default all three attention types use fast weights, as in the paper; each can keep fairseq's
 softmax attention (--fwp-softmax-encoder-self-attn etc.), and --fwp-kernel softmax is the plain
@@ -11,7 +11,8 @@ from fairseq.models.transformer import (
     transformer_vaswani_wmt_en_de_big,
 )
 
-from .fwp_options import FwpTransformerFields, add_fwp_args, fwp_options, install_fast_weights, set_fwp_defaults
+from .fwp_options import (FwpTransformerFields, add_fwp_args, fwp_options, install_fast_weights,
+                          set_defaults, set_fwp_defaults)
 
 
 @register_model("fwp_transformer")
@@ -30,30 +31,24 @@ class FwpTransformerModel(TransformerModel):
         return model
 
 
-def _fwp_defaults(args):
-    # The paper's MT runs only vary phi: the sum rule everywhere (no delta-rule MT runs).
-    set_fwp_defaults(args, FwpTransformerFields, fwp_update="sum")
-
-
 @register_model_architecture("fwp_transformer", "fwp_transformer")
 def fwp_transformer_base(args):
-    _fwp_defaults(args)
+    # The paper's MT runs only vary phi: the sum rule (the fields' default) everywhere.
+    set_fwp_defaults(args, FwpTransformerFields)
     base_architecture(args)
 
 
 @register_model_architecture("fwp_transformer", "fwp_transformer_wmt_en_de_big")
 def fwp_transformer_wmt_en_de_big(args):
     """Transformer big: 6+6 layers, d_model 1024, 16 heads (d_key 64), FFN 4096, dropout 0.3."""
-    _fwp_defaults(args)
+    set_fwp_defaults(args, FwpTransformerFields)
     transformer_vaswani_wmt_en_de_big(args)
 
 
 @register_model_architecture("fwp_transformer", "fwp_transformer_tiny")
 def fwp_transformer_tiny(args):
     """For tests and smoke runs: 2+2 layers, d_model 32, 4 heads, FFN 64."""
-    for name, value in (("encoder_embed_dim", 32), ("encoder_ffn_embed_dim", 64), ("encoder_layers", 2),
-                        ("encoder_attention_heads", 4), ("decoder_embed_dim", 32),
-                        ("decoder_ffn_embed_dim", 64), ("decoder_layers", 2), ("decoder_attention_heads", 4)):
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
+    set_defaults(args, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_layers=2,
+                 encoder_attention_heads=4, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                 decoder_layers=2, decoder_attention_heads=4)
     fwp_transformer_base(args)

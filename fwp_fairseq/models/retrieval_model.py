@@ -6,7 +6,7 @@ from both: K_t = W_k [onehot(v_t); E(k_t)], so that, as in the paper's code, key
 The query reads with Q = W_q E(query), E the same learned key embedding; the read-out v_hat
 (B, Q, S) is compared to the one-hot answer by half_mse.
 
-Kernels: softmax (the reference), or phi in {linear, dpfp, performer} with the sum rule
+Kernels: softmax (the reference), or a positive phi (linear, dpfp, performer) with the sum rule
 (W = sum_t v_t phi(K_t)^T, read normalised by z = sum_t phi(K_t)) or the delta rule
 (sum-normalised phi, beta_t = sigmoid(w_beta . x_t), no attention normaliser).
 """
@@ -19,18 +19,20 @@ import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 
-from fwp_fairseq.modules.feature_maps import build_feature_map, sum_normalize
-from fwp_fairseq.ops import fast_weight_delta, fast_weight_read, fast_weight_state
+from fwp_fairseq.modules.feature_maps import FEATURE_MAPS, FavorFeatureMap, build_feature_map, sum_normalize
+from fwp_fairseq.ops import UPDATES, fast_weight_delta, fast_weight_read, fast_weight_state
 
-KERNELS = ChoiceEnum(["softmax", "linear", "performer", "dpfp"])
-UPDATES = ChoiceEnum(["sum", "delta"])
+# The reads are normalised (by z . phi(q), or sum-normalised phi): positive feature maps only.
+RETRIEVAL_KERNELS = ChoiceEnum(["softmax"] + [name for name, fmap in FEATURE_MAPS.items() if not fmap.signed])
 SUM_FORMS = ChoiceEnum(["auto", "fast_weight", "attention"])
 
 
 @dataclass
 class RetrievalModelConfig(FairseqDataclass):
-    fwp_kernel: KERNELS = field(default="linear", metadata={"help": "attention kernel (feature map phi)"})
-    fwp_update: UPDATES = field(default="sum", metadata={"help": "fast weight update rule (ignored by softmax)"})
+    fwp_kernel: RETRIEVAL_KERNELS = field(
+        default="linear", metadata={"help": "softmax attention, or the feature map phi of fast weights"})
+    fwp_update: ChoiceEnum(UPDATES) = field(
+        default="sum", metadata={"help": "fast weight update rule (ignored by softmax)"})
     fwp_dpfp_nu: int = field(default=1, metadata={"help": "DPFP order nu (d_dot = 2 * key_dim * nu)"})
     fwp_performer_features: int = field(default=64, metadata={"help": "FAVOR+ random features m (d_dot = 2m)"})
     fwp_performer_seed: int = field(default=1, metadata={"help": "seed of the FAVOR+ projections"})
@@ -46,7 +48,6 @@ class RetrievalModelConfig(FairseqDataclass):
 class RetrievalModel(BaseFairseqModel):
     def __init__(self, cfg, num_values, key_vocab_size):
         super().__init__()
-        self.kernel = cfg.fwp_kernel
         self.update = cfg.fwp_update
         self.num_values = num_values
         self.eps = cfg.eps
@@ -56,20 +57,18 @@ class RetrievalModel(BaseFairseqModel):
         self.embed_keys = nn.Embedding(key_vocab_size, embed_dim)
         self.key_proj = nn.Linear(num_values + embed_dim, d)
         self.query_proj = nn.Linear(embed_dim, d)
-        # beta_t = sigmoid(w_beta . x_t): one scalar per step, no bias (PAPER.md section 2).
-        self.beta_proj = nn.Linear(num_values + embed_dim, 1, bias=False) if self._uses_beta() else None
-        self.feature_map = None
-        if self.kernel != "softmax":
-            self.feature_map = build_feature_map(
-                self.kernel, d, nu=cfg.fwp_dpfp_nu, num_features=cfg.fwp_performer_features,
-                seed=cfg.fwp_performer_seed)
+        fast = cfg.fwp_kernel != "softmax"
+        # beta_t = sigmoid(w_beta . x_t): one scalar per step, no bias (arXiv 2102.11174, section 4.2).
+        uses_beta = fast and self.update == "delta"
+        self.beta_proj = nn.Linear(num_values + embed_dim, 1, bias=False) if uses_beta else None
+        self.feature_map = None  # softmax attention
+        if fast:
+            self.feature_map = build_feature_map(str(cfg.fwp_kernel), d, cfg.fwp_dpfp_nu,
+                                                 cfg.fwp_performer_features, cfg.fwp_performer_seed)
         # Unit-variance embeddings and U(+-1/sqrt(d)) projections keep K, Q at O(1) for every S.
         nn.init.normal_(self.embed_keys.weight, 0.0, 1.0)
         for lin in (self.key_proj, self.query_proj):
             nn.init.uniform_(lin.weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
-
-    def _uses_beta(self):
-        return self.kernel != "softmax" and self.update == "delta"
 
     @classmethod
     def build_model(cls, cfg, task):
@@ -82,14 +81,14 @@ class RetrievalModel(BaseFairseqModel):
     def set_num_updates(self, num_updates):
         """FAVOR+ draws new projections every training update (fairseq calls this after each)."""
         super().set_num_updates(num_updates)
-        if self.kernel == "performer" and self.training:
+        if isinstance(self.feature_map, FavorFeatureMap) and self.training:
             self.feature_map.redraw(num_updates)
 
     def _phi(self, x):
         f = self.feature_map(x)
         # FAVOR+ features are only defined up to a per-vector factor, so they are always
         # normalised; the delta rule needs sum normalisation for every phi (it diverges without).
-        if self.kernel == "performer" or self.update == "delta":
+        if self.feature_map.needs_normalisation or self.update == "delta":
             f = sum_normalize(f, self.eps)
         return f
 
@@ -107,7 +106,7 @@ class RetrievalModel(BaseFairseqModel):
         S = self.num_values
         k = self._gather_linear(self.key_proj, self.embed_keys, values, keys, S)   # (B, T, d)
         q = F.embedding(queries, self.embed_keys.weight @ self.query_proj.weight.t()) + self.query_proj.bias
-        if self.kernel == "softmax":
+        if self.feature_map is None:
             attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(k.shape[-1]), dim=-1)
             return self._weighted_values(attn, values)
         pk, pq = self._phi(k), self._phi(q)

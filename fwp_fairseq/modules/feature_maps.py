@@ -1,19 +1,21 @@
-"""Feature maps phi for keys and queries (../shared/PAPER.md section 3), and their normalisation
-(sum, as in the paper, or L2).
+"""Feature maps phi for keys and queries (arXiv 2102.11174, section 5), their normalisation
+(sum, as in the paper, or L2), and which normalisations a (feature map, update rule) pair gets.
 
-Each map is an nn.Module with ``out_dim`` and forward(x: (..., head_dim)) -> (..., out_dim).
-No fairseq import: usable from plain PyTorch."""
+Each map is a FeatureMap (an nn.Module) with ``out_dim`` and forward(x: (..., head_dim)) ->
+(..., out_dim); FEATURE_MAPS names them. No fairseq import: usable from plain PyTorch."""
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import to_accumulation
+
 
 def sum_normalize(x, eps=1e-6):
     """phi / sum_j phi_j. Features are non-negative; eps keeps an all-zero vector at zero, not NaN.
     Computed in fp32 for half inputs (a sum of many half features overflows fp16)."""
-    xa = _acc(x)
+    xa = to_accumulation(x)
     return (xa / (xa.sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -22,17 +24,22 @@ def l2_normalize(x, eps=1e-6):
     replaces what the memory held for k; after sum normalisation |k|^2 is only ~1/d_dot for
     spread-out features, so each write corrects a small fraction of the error along k (on
     random keys a carried state then drifts for tens of thousands of steps, with L2 it settles
-    within ~2k: benchmarks/delta_state_settling.py; learned keys drift either way)."""
-    xa = _acc(x)
+    within ~2k: experiments/carried_state/delta_state_settling.py; learned keys drift either way)."""
+    xa = to_accumulation(x)
     return (xa / xa.norm(dim=-1, keepdim=True).clamp_min(eps)).to(x.dtype)  # exactly unit length
 
 
-def _acc(x):
-    """fp32 for half inputs (fp64 stays fp64)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+PHI_NORMS = {"sum": sum_normalize, "l2": l2_normalize}
 
 
-class LinearFeatureMap(nn.Module):
+class FeatureMap(nn.Module):
+    """What the normalisation defaults need to know about a map (resolve_normalisation)."""
+    signed = False  # features can be negative: a sum of them can be zero
+    needs_normalisation = False  # defined only up to a positive per-vector factor
+    sum_normalised = False  # the paper sum-normalises it even with the sum rule
+
+
+class LinearFeatureMap(FeatureMap):
     """Katharopoulos et al.: phi(x) = elu(x) + 1, d_dot = head_dim."""
 
     def __init__(self, head_dim):
@@ -44,10 +51,11 @@ class LinearFeatureMap(nn.Module):
         return F.elu(x) + 1.0
 
 
-class IdentityFeatureMap(nn.Module):
+class IdentityFeatureMap(FeatureMap):
     """phi(x) = x, d_dot = head_dim: signed features (no sum normalisation, no attention
     normaliser). With L2 normalisation this is the Delta Net as flash-linear-attention's
     DeltaNet layer builds it (Yang et al. 2024, with identity for their SiLU); not in the paper."""
+    signed = True
 
     def __init__(self, head_dim):
         super().__init__()
@@ -58,9 +66,10 @@ class IdentityFeatureMap(nn.Module):
         return x
 
 
-class DPFPFeatureMap(nn.Module):
+class DPFPFeatureMap(FeatureMap):
     """Deterministic parameter-free projection of order nu: r = relu([x, -x]),
     phi = concat_{j=1..nu} r * roll(r, j); d_dot = 2 * head_dim * nu."""
+    sum_normalised = True
 
     def __init__(self, head_dim, nu=1):
         super().__init__()
@@ -73,9 +82,8 @@ class DPFPFeatureMap(nn.Module):
     def forward(self, x):
         # Products of two entries: computed in fp32 for half inputs (|x| ~ 1e3 would be inf in
         # fp16), then returned in x's dtype, so callers wanting range pass fp32 in.
-        r = F.relu(torch.cat([x, -x], dim=-1))
-        ra = _acc(r)
-        out = torch.cat([ra * ra.roll(shifts=j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
+        r = to_accumulation(F.relu(torch.cat([x, -x], dim=-1)))
+        out = torch.cat([r * r.roll(shifts=j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
         return out.to(x.dtype)
 
 
@@ -92,10 +100,12 @@ def orthogonal_random_matrix(num_features, head_dim, generator, dtype=torch.floa
     return (rows * norms[:, None]).to(dtype)
 
 
-class FavorFeatureMap(nn.Module):
+class FavorFeatureMap(FeatureMap):
     """FAVOR+ positive random features: phi(x) = exp(-|x|^2/2) / sqrt(2m) [exp(Rx), exp(-Rx)],
     d_dot = 2m. The projection R is a buffer drawn from (seed, draw index): redraw(n) makes
     every distributed worker draw the same R for the same update number n."""
+    needs_normalisation = True  # forward subtracts a per-vector max before exp
+    sum_normalised = True
 
     def __init__(self, head_dim, num_features=64, seed=1):
         super().__init__()
@@ -119,9 +129,8 @@ class FavorFeatureMap(nn.Module):
             self.draw_index = index
 
     def forward(self, x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xa = x.to(acc)
-        proj = xa @ self.projection.to(acc).T
+        xa = to_accumulation(x)
+        proj = xa @ self.projection.to(xa.dtype).T
         sq = 0.5 * (xa * xa).sum(-1, keepdim=True)
         # Subtract a per-vector max before exp for stability; sum normalisation cancels it, and
         # the attention normaliser does too (the same factor multiplies numerator and denominator).
@@ -130,14 +139,54 @@ class FavorFeatureMap(nn.Module):
         return (torch.exp(logits) / math.sqrt(2 * self.num_features)).to(x.dtype)
 
 
-def build_feature_map(kind, head_dim, nu=1, num_features=64, seed=1):
-    """kind: 'linear', 'dpfp', 'performer' or 'identity'."""
-    if kind == "linear":
-        return LinearFeatureMap(head_dim)
-    if kind == "identity":
-        return IdentityFeatureMap(head_dim)
-    if kind == "dpfp":
+FEATURE_MAPS = {"linear": LinearFeatureMap, "performer": FavorFeatureMap, "dpfp": DPFPFeatureMap,
+                "identity": IdentityFeatureMap}
+
+
+def build_feature_map(name, head_dim, nu, num_features, seed):
+    """The map FEATURE_MAPS[name]; nu is DPFP's order, num_features and seed FAVOR+'s."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"name: expected one of {tuple(FEATURE_MAPS)}, got {name!r}")
+    if name == "dpfp":
         return DPFPFeatureMap(head_dim, nu)
-    if kind == "performer":
+    if name == "performer":
         return FavorFeatureMap(head_dim, num_features, seed)
-    raise ValueError(f"kind: expected one of 'linear', 'dpfp', 'performer', 'identity', got {kind!r}")
+    return FEATURE_MAPS[name](head_dim)
+
+
+# How resolve_normalisation's errors name its arguments; the --fwp-* options pass their flags.
+ARGUMENT_NAMES = {"attn_normalize": "attn_normalize", "sum_norm": "sum_norm", "no_sum_norm": "sum_norm",
+                  "l2_norm": "l2_norm"}
+
+
+def resolve_normalisation(feature_map, update, attn_normalize=None, sum_norm=None, l2_norm=False,
+                          names=ARGUMENT_NAMES):
+    """The normalisations of one fast-weight attention -> (attn_normalize, phi_norm), phi_norm
+    "sum", "l2" or None. None (attn_normalize, sum_norm) takes the default:
+    - the attention normaliser z . phi(q) (arXiv 2102.11174, section 3) is on for the sum rule
+      and off for the delta rule (the paper's best Delta Net has none);
+    - phi is sum-normalised with the delta rule (without it the paper's delta models diverged)
+      and for DPFP and FAVOR+; l2_norm (not in the paper) replaces sum normalisation;
+    - signed features (identity) get neither sum normalisation nor the normaliser: a sum of
+      them can be zero; FAVOR+ features must be normalised one way or the other.
+    A contradiction is a ValueError naming the argument as `names` spells it. A name outside
+    FEATURE_MAPS (the --fwp-kernel softmax baseline) checks what holds for every map."""
+    fmap = FEATURE_MAPS.get(feature_map, FeatureMap)
+    if sum_norm and l2_norm:
+        raise ValueError(f"{names['sum_norm']} and {names['l2_norm']} contradict each other: phi is "
+                         "normalised one way, pick one")
+    if fmap.signed and sum_norm:
+        raise ValueError(f"{names['sum_norm']}: {feature_map} features are signed and can sum to zero; "
+                         f"use {names['l2_norm']}")
+    if fmap.signed and attn_normalize:
+        raise ValueError(f"{names['attn_normalize']}: {feature_map} features are signed, the normaliser "
+                         "z . phi(q) can be zero; turn it off")
+    if sum_norm is None:
+        sum_norm = not (l2_norm or fmap.signed) and (update == "delta" or fmap.sum_normalised)
+    if fmap.needs_normalisation and not (sum_norm or l2_norm):
+        raise ValueError(f"{names['no_sum_norm']}: {feature_map} features must be normalised (sum, or "
+                         f"{names['l2_norm']}): they are only defined up to a per-vector factor")
+    if attn_normalize is None:
+        attn_normalize = update == "sum" and not fmap.signed
+    phi_norm = "l2" if l2_norm else ("sum" if sum_norm else None)
+    return bool(attn_normalize), phi_norm

@@ -6,9 +6,15 @@
 
 q, k: (B, H, T, Dk) already feature-mapped; v: (B, H, T, Dv); beta: (B, H, T);
 state: (B, H, Dk, Dv). Each returns (o, final_state); final_state is None unless asked for.
+
+UPDATES names the update rules (one op each), IMPLS the implementations `impl` picks from;
+accumulation_dtype(dtype) is the dtype the state accumulates in.
 """
+from ._checks import IMPLS, accumulation_dtype
 from .dispatch import cuda_available, fast_weight_delta, fast_weight_sum
 from .noncausal import fast_weight_noncausal, fast_weight_read, fast_weight_state
+
+UPDATES = ("sum", "delta")  # fast_weight_sum, fast_weight_delta
 
 __all__ = [
     "fast_weight_sum",
@@ -17,4 +23,7 @@ __all__ = [
     "fast_weight_state",
     "fast_weight_read",
     "cuda_available",
+    "accumulation_dtype",
+    "IMPLS",
+    "UPDATES",
 ]

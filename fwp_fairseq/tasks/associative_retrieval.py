@@ -1,4 +1,4 @@
-"""Synthetic associative retrieval (../shared/PAPER.md section 4; paper section 6.1), generated
+"""Synthetic associative retrieval (arXiv 2102.11174, section 6.1), generated
 from a seed: no files, no download.
 
 A sequence writes T (key, value) pairs; queries name keys; the answer is the value of the latest

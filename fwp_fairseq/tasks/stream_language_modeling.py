@@ -1,5 +1,5 @@
 """fwp_stream_lm: language modelling on contiguous streams, for fast weights carried across
-segments (the paper's Table 4 setting; ../shared/PAPER.md section 4).
+segments (the paper's Table 4 setting; arXiv 2102.11174, section 6.3).
 
 Each split is one token sequence cut into parallel streams (fwp_fairseq.data.stream_dataset);
 consecutive batches are consecutive segments of the same streams, never shuffled. With
