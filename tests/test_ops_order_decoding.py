@@ -66,7 +66,7 @@ def test_auto_fold_bounds_the_memory():
     for t in range(60):
         state.append(k[:, :, t:t + 1], v[:, :, t:t + 1], beta[:, :, t:t + 1])
         assert state.factored == (t + 1 <= 51)
-        stored = sum(x.numel() for x in state.to_buffer().values() if x is not None)
+        stored = sum(x.numel() for x in state.to_buffer().values())
         assert stored <= 256 * 64
     o_ref, S_ref = fast_weight_delta(q, k, v, beta, output_final_state=True)
     assert rel_err(state.matrix, S_ref) < TOL
@@ -82,7 +82,7 @@ def test_beam_reorder_selects_rows_in_every_form():
         assert rel_err(picked.as_matrix(), state.as_matrix()[order]) == 0
         assert rel_err(picked.z, state.z[order]) == 0
         # fairseq's layer reorders the buffer entry by entry: the same rows.
-        buf = {n: (None if x is None else x.index_select(0, order)) for n, x in state.to_buffer().items()}
+        buf = {n: x.index_select(0, order) for n, x in state.to_buffer().items()}
         assert rel_err(FactoredState.from_buffer(buf).read(q[order][:, :, :1]),
                        picked.read(q[order][:, :, :1])) == 0
 

@@ -55,8 +55,9 @@ class FactoredState:
         return cls(keys, values, matrix, z)
 
     def to_buffer(self):
-        """A dict for fairseq's incremental state: every entry batch-first (or None)."""
-        return dict(zip(BUFFER_KEYS, (self.keys, self.values, self.matrix, self.z)))
+        """A dict for fairseq's incremental state: the tensors held, each batch-first."""
+        held = zip(BUFFER_KEYS, (self.keys, self.values, self.matrix, self.z))
+        return {name: x for name, x in held if x is not None}
 
     # -- queries ----------------------------------------------------------------------------
     @property
