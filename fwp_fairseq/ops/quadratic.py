@@ -18,8 +18,8 @@ def delta_rule_written_values(k, beta, v):
     """U (B, H, T, Dv): the values the delta rule writes from a zero state, u_t = beta_t (v_t - S_{t-1}^T k_t).
     Inputs in the accumulation dtype."""
     T = k.shape[2]
-    kb = k * beta[..., None]
-    A = (kb @ k.transpose(-1, -2)).tril(-1)
+    # beta scales the rows of the T x T product, not the T x d_dot keys: cheaper both ways.
+    A = ((k @ k.transpose(-1, -2)) * beta[..., None]).tril(-1)
     eye = torch.eye(T, dtype=k.dtype, device=k.device)
     return torch.linalg.solve_triangular(A + eye, v * beta[..., None], upper=False, unitriangular=True)
 
