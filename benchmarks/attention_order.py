@@ -4,7 +4,7 @@
    Q S, the chunked sum and delta rules) against the attention order (Q K^T) V (noncausal.py,
    quadratic.py), with attention_order.py's flop ratio and pick;
 2. one decoding step (beam reorder + write + read, no grad) with the state kept as its factors
-   (K, U) against the d_dot x Dv matrix, at t = 1..64 steps written; and one encoder-decoder read;
+   (K, U) against the d_dot x Dv matrix, at t = 1..96 steps written; and one encoder-decoder read;
 3. where the time of one FastWeightAttention layer goes, forward+backward: its pieces timed from
    the outside (projections, feature map with its normalisation, attention normaliser, core),
    the whole layer as it is, and the whole layer with the cheaper order wired in from the outside
@@ -310,7 +310,7 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=15)
     ap.add_argument("--embed-dim", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64])
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-layers", action="store_true", help="only the ops (no fairseq import)")

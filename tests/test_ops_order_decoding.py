@@ -122,6 +122,8 @@ def test_errors_name_the_argument():
         state.append(k[:, :, :1], v[:, :, :1], beta)
     with pytest.raises(ValueError, match="q"):
         state.read(q[..., :3])
+    with pytest.raises(ValueError, match="v: expected 2 value features"):
+        state.append(k[:, :, 1:2], torch.cat([v, v], -1)[:, :, 1:2])
     with pytest.raises(ValueError, match="fold"):
         state.append(k[:, :, 1:2], v[:, :, 1:2], fold="later")
     with pytest.raises(ValueError, match="key_padding_mask"):

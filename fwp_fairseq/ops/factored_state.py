@@ -112,6 +112,9 @@ class FactoredState:
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         if not self.empty:
             self._check_query("k", k)
+            if v.shape[-1] != self._dims()[1]:
+                raise ValueError(f"v: expected {self._dims()[1]} value features (as written before), "
+                                 f"got {v.shape[-1]}")
         acc = accumulation_dtype(k.dtype)
         ka, u = k.to(acc), v.to(acc)
         if beta is not None:
