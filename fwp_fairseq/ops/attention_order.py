@@ -29,6 +29,9 @@ the sum rule, one more read for the delta rule). So one inequality bounds the me
 cheaper step. For encoder-decoder attention the keys are all there at the first step: the
 factored form also saves building S (Tk Dk Dv), so it is the cheaper one for any number of steps
 when Tk (Dk + Dv) < Dk Dv. Folding K^T U into S costs t Dk Dv once, about t matrix-form steps.
+On a CPU (benchmarks/attention_order.py, one thread) the per-step times cross later than this
+size rule says, at 1.5-2x its t, since updating and copying the large S costs more per entry than
+appending rows: the rule errs towards memory, never holding more than S.
 """
 from ._chunking import pick_chunk_size
 
