@@ -1,28 +1,43 @@
 """Non-causal fast weights, for encoder self-attention and encoder-decoder attention:
-all keys are written (sum rule) before any query reads, o_i = S^T q_i with S = sum_j k_j v_j^T."""
+all keys are written (sum rule) before any query reads, o_i = S^T q_i with S = sum_j k_j v_j^T.
+
+Two association orders give the same o: the state order q_i^T (K^T V) and the attention order
+(Q K^T) V, cheaper while the sequences are short against d_dot (attention_order.py has the rule)."""
 import torch
 
 from ._checks import _tensor, accumulation_dtype
+from .attention_order import noncausal_order
 
 
-def fast_weight_state(k, v, key_padding_mask=None):
-    """S = sum over unpadded j of k_j v_j^T: (B, H, Dk, Dv) in the accumulation dtype.
+def masked_keys(k, key_padding_mask=None):
+    """k in the accumulation dtype with padded positions zeroed: a zero key writes nothing and
+    adds nothing to the normaliser, in either order (an all-padding row reads 0, not NaN).
 
     key_padding_mask: (B, T) bool, True where the position is padding (fairseq's convention)."""
+    ka = k.to(accumulation_dtype(k.dtype))
+    if key_padding_mask is None:
+        return ka
+    B, _, T, _ = k.shape
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.shape != (B, T):
+        shape = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else key_padding_mask
+        raise ValueError(f"key_padding_mask: expected shape {(B, T)}, got {shape}")
+    if key_padding_mask.device != k.device:
+        raise ValueError(f"key_padding_mask: expected device {k.device}, got {key_padding_mask.device}")
+    return ka.masked_fill(key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)
+
+
+def _check_kv(k, v):
     _tensor("k", k, 4)
     _tensor("v", v, 4)
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v: expected shape (B, H, T, Dv) matching k {tuple(k.shape)}, got {tuple(v.shape)}")
-    acc = accumulation_dtype(k.dtype)
-    ka, va = k.to(acc), v.to(acc)
-    if key_padding_mask is not None:
-        B, _, T, _ = k.shape
-        if key_padding_mask.shape != (B, T):
-            raise ValueError(f"key_padding_mask: expected shape {(B, T)}, got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != k.device:
-            raise ValueError(f"key_padding_mask: expected device {k.device}, got {key_padding_mask.device}")
-        ka = ka.masked_fill(key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)
-    return ka.transpose(-1, -2) @ va
+
+
+def fast_weight_state(k, v, key_padding_mask=None):
+    """S = sum over unpadded j of k_j v_j^T: (B, H, Dk, Dv) in the accumulation dtype."""
+    _check_kv(k, v)
+    ka = masked_keys(k, key_padding_mask)
+    return ka.transpose(-1, -2) @ v.to(ka.dtype)
 
 
 def fast_weight_read(q, state):
@@ -36,10 +51,24 @@ def fast_weight_read(q, state):
     return (q.to(state.dtype) @ state).to(q.dtype)
 
 
-def fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False):
-    """Every query reads the state after all (unpadded) keys. Returns (o, state or None)."""
+def attention_read(q, k, v, key_padding_mask=None):
+    """The attention order: o = (Q K^T) V over the unpadded keys, no Dk x Dv state formed."""
+    _check_kv(k, v)
+    ka = masked_keys(k, key_padding_mask)
+    return ((q.to(ka.dtype) @ ka.transpose(-1, -2)) @ v.to(ka.dtype)).to(q.dtype)
+
+
+def fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False, order="auto"):
+    """Every query reads the state after all (unpadded) keys. Returns (o, state or None).
+
+    order: "state", "quadratic" (the attention order; holds no state) or "auto", the cheaper
+    one by attention_order.noncausal_order (the state order when output_final_state)."""
     _tensor("q", q, 4)
     if k.dim() == 4 and (q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]):
         raise ValueError(f"k: expected (B, H, Tk, Dk) matching q {tuple(q.shape)} in B, H, Dk, got {tuple(k.shape)}")
+    _check_kv(k, v)
+    order = noncausal_order(q.shape[2], k.shape[2], k.shape[3], v.shape[3], output_final_state, order)
+    if order == "quadratic":
+        return attention_read(q, k, v, key_padding_mask), None
     state = fast_weight_state(k, v, key_padding_mask)
     return fast_weight_read(q, state), (state if output_final_state else None)
