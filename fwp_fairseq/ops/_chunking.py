@@ -57,13 +57,17 @@ class ChunkDecay(NamedTuple):
 
 
 def chunk_decay(G):
-    """G: (N, BH, C, 1) chunked log-decays (accumulation dtype) -> ChunkDecay."""
-    b = G.cumsum(2)
+    """G: (N, BH, C, 1) chunked log-decays (accumulation dtype) -> ChunkDecay.
+
+    The cumulative sums and their differences are taken in fp64: after a strong decay, b is
+    large and a difference of two fp32 sums would keep only about eps * |b| of precision."""
+    dtype = G.dtype
+    b = G.to(torch.float64).cumsum(2)
     b_end = b[:, :, -1:]
     C = G.shape[2]
     later = torch.ones(C, C, dtype=torch.bool, device=G.device).triu_(1)  # s > t: no decay applies
-    pair = (b - b.transpose(-1, -2)).masked_fill_(later, float("-inf")).exp_()
-    return ChunkDecay(b.exp(), (b_end - b).exp_(), b_end.exp(), pair)
+    pair = (b - b.transpose(-1, -2)).to(dtype).masked_fill_(later, float("-inf")).exp_()
+    return ChunkDecay(b.to(dtype).exp(), (b_end - b).to(dtype).exp_(), b_end.to(dtype).exp(), pair)
 
 
 def decay_grad(Q, dQ, V, dV, after, d_after):
