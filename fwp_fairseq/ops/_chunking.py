@@ -59,15 +59,28 @@ class ChunkDecay(NamedTuple):
 def chunk_decay(G):
     """G: (N, BH, C, 1) chunked log-decays (accumulation dtype) -> ChunkDecay.
 
-    The cumulative sums and their differences are taken in fp64: after a strong decay, b is
-    large and a difference of two fp32 sums would keep only about eps * |b| of precision."""
+    The cumulative sums are taken in fp64: after a strong decay b is large, and a difference of
+    two fp32 sums would keep only about eps * |b| of precision. The (C x C) differences are then
+    formed in the accumulation dtype from b's two-part split b = hi + lo (each part rounded to
+    that dtype), (hi_t - hi_s) + (lo_t - lo_s), as precise as an fp64 difference at fp32 cost."""
     dtype = G.dtype
     b = G.to(torch.float64).cumsum(2)
     b_end = b[:, :, -1:]
+    hi = b.to(dtype)
+    pair = hi - hi.transpose(-1, -2)
+    if dtype != torch.float64:
+        lo = (b - hi.to(torch.float64)).to(dtype)
+        pair.add_(lo).sub_(lo.transpose(-1, -2))
     C = G.shape[2]
-    later = torch.ones(C, C, dtype=torch.bool, device=G.device).triu_(1)  # s > t: no decay applies
-    pair = (b - b.transpose(-1, -2)).to(dtype).masked_fill_(later, float("-inf")).exp_()
-    return ChunkDecay(b.to(dtype).exp(), (b_end - b).to(dtype).exp_(), b_end.to(dtype).exp(), pair)
+    # -inf for s > t (no decay applies there): adding it is a cheaper mask than masked_fill_
+    later = torch.full((C, C), float("-inf"), dtype=dtype, device=G.device).triu_(1)
+    pair.add_(later).exp_()
+    return ChunkDecay(hi.exp(), (b_end - b).to(dtype).exp_(), b_end.to(dtype).exp(), pair)
+
+
+def row_dot(a, b):
+    """(..., R, D) . (..., R, D) -> (..., R): one dot product per row, without an (R, D) temporary."""
+    return torch.einsum("nbrd,nbrd->nbr", a, b)
 
 
 def decay_grad(Q, dQ, V, dV, after, d_after):
@@ -80,6 +93,6 @@ def decay_grad(Q, dQ, V, dV, after, d_after):
         dL/db_t = q_t . dq_t - v_t . dv_t  (+ <S_after, dS_after> at the chunk's last step);
     dL/dg_s is the sum of dL/db_t over the chunk's steps t >= s. after, d_after: the state after
     each chunk and the gradient w.r.t. it, (N, BH, Dk, Dv)."""
-    db = (Q * dQ).sum(-1) - (V * dV).sum(-1)
-    db[..., -1] += (after * d_after).sum((-2, -1))
+    db = row_dot(Q, dQ).sub_(row_dot(V, dV))
+    db[..., -1] += row_dot(after, d_after).sum(-1)
     return db.flip(-1).cumsum(-1).flip(-1)[..., None]

@@ -25,7 +25,7 @@ import torch
 
 from .._checks import accumulation_dtype, start_state
 from .._chunking import (ChunkDecay, acc_bmm, bmm, chunk_decay, decay_grad, from_chunks, pick_chunk_size,
-                         to_chunks)
+                         row_dot, to_chunks)
 
 CHUNK = 64
 
@@ -37,15 +37,13 @@ def _forward_chunks(Q, K, V, Bt, S0, dec=None):
     Dv = V.shape[-1]
     Kt = K.transpose(-1, -2)
     KVb = K.new_empty(N, BH, C, Dk + Dv)  # [diag(beta) K, diag(beta) V], written in place
-    if dec is None:
-        Kb = torch.mul(K, Bt, out=KVb[..., :Dk])
-    else:  # W's keys carry the decay since the chunk's start; A's do not
-        Kb = K * Bt
-        torch.mul(Kb, dec.since_start, out=KVb[..., :Dk])
+    Kb = torch.mul(K, Bt, out=KVb[..., :Dk])
     torch.mul(V, Bt, out=KVb[..., Dk:])
     A = bmm(Kb, Kt)
     if dec is not None:
         A.mul_(dec.pair)
+        Kb.mul_(dec.since_start)  # W's keys carry the decay since the chunk's start
+        Kb = None  # the gated backward works from K and beta
     A.tril_(-1)
     eye = torch.eye(C, dtype=K.dtype, device=K.device)
     Tinv = torch.linalg.solve_triangular(A.add_(eye), eye.expand_as(A), upper=False, unitriangular=True)
@@ -60,10 +58,9 @@ def _forward_chunks(Q, K, V, Bt, S0, dec=None):
         P = bmm(Q, Kt).tril_()
         O = acc_bmm(bmm(Q, states[:N]), P, U)
     else:
-        Krt = (K * dec.until_end).transpose(-1, -2)
         for n in range(N):
             U[n].baddbmm_(W[n], states[n], alpha=-1.0)
-            torch.mul(states[n], dec.whole[n], out=states[n + 1]).baddbmm_(Krt[n], U[n])
+            torch.mul(states[n], dec.whole[n], out=states[n + 1]).baddbmm_(Kt[n], U[n] * dec.until_end[n])
         P = bmm(Q, Kt).mul_(dec.pair)
         O = acc_bmm(bmm(Q, states[:N]).mul_(dec.since_start), P, U)
     return O, states[N], (Kb, Tinv, W, U, P, states)
@@ -89,11 +86,10 @@ def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final, dec=None):
         dQ = acc_bmm(bmm(dO, S.transpose(-1, -2)), dP, K)
         dK = acc_bmm(bmm(U, grads[1:].transpose(-1, -2)), dP.transpose(-1, -2), Q)
     else:
-        R = bmm(Q.transpose(-1, -2), dO * dec.since_start)
-        Kr = K * dec.until_end
-        for n in range(N - 1, -1, -1):
-            dU[n].baddbmm_(Kr[n], grads[n + 1])
-            torch.addcmul(R[n], grads[n + 1], dec.whole[n], out=grads[n])
+        for n in range(N - 1, -1, -1):  # decayed keys and reads per chunk: no (T x D) temporaries
+            dU[n].baddbmm_(K[n] * dec.until_end[n], grads[n + 1])
+            torch.mul(grads[n + 1], dec.whole[n], out=grads[n]).baddbmm_(
+                Q[n].transpose(-1, -2), dO[n] * dec.since_start[n])
             grads[n].baddbmm_(W[n].transpose(-1, -2), dU[n], alpha=-1.0)
         dP = bmm(dO, U.transpose(-1, -2)).mul_(dec.pair)
         dQ = acc_bmm(bmm(dO, S.transpose(-1, -2)).mul_(dec.since_start), dP, K)
@@ -103,17 +99,23 @@ def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final, dec=None):
     dVb = bmm(Tinv.transpose(-1, -2), dU)
     dKb = bmm(dVb, S.transpose(-1, -2)).neg_()
     dA = bmm(dVb, U.transpose(-1, -2)).neg_()
-    if dec is not None:  # W's keys are Kb exp(b); A is Kb K^T times the pair decays
-        dKb.mul_(dec.since_start)
-        dA.mul_(dec.pair)
-    dA.tril_(-1)
-    acc_bmm(dKb, dA, K)  # A = strictly_lower(Kb K^T)
-    acc_bmm(dK, dA.transpose(-1, -2), Kb)
-    dK.addcmul_(dKb, Bt)  # Kb = K beta, Vb = V beta
+    if dec is None:
+        dA.tril_(-1)
+        acc_bmm(dKb, dA, K)  # A = strictly_lower(Kb K^T)
+        acc_bmm(dK, dA.transpose(-1, -2), Kb)
+        dK.addcmul_(dKb, Bt)  # Kb = K beta, Vb = V beta
+        dV = dVb * Bt
+        dBt = (dKb * K).sum(-1, keepdim=True).add_((dVb * V).sum(-1, keepdim=True))
+        return dQ, dK, dV, dBt, grads[0], None
+    # W's keys are Kb exp(b); A is Kb K^T times the pair decays; dA^T Kb = (diag(beta) dA)^T K
+    dKb.mul_(dec.since_start)
+    dA.mul_(dec.pair).tril_(-1)
+    acc_bmm(dKb, dA, K)
+    acc_bmm(dK, dA.mul_(Bt).transpose(-1, -2), K)
+    dK.addcmul_(dKb, Bt)
     dV = dVb * Bt
-    dBt = (dKb * K).sum(-1, keepdim=True).add_((dVb * V).sum(-1, keepdim=True))
-    dG = None if dec is None else decay_grad(Q, dQ, V, dV, states[1:], grads[1:])
-    return dQ, dK, dV, dBt, grads[0], dG
+    dBt = row_dot(dKb, K).add_(row_dot(dVb, V))[..., None]
+    return dQ, dK, dV, dBt, grads[0], decay_grad(Q, dQ, V, dV, states[1:], grads[1:])
 
 
 class _DeltaChunked(torch.autograd.Function):

@@ -19,16 +19,15 @@ CHUNK = 64
 
 
 def _forward_gated(Q, K, V, S0, dec):
-    """Returns O and the states before each chunk, then the final state: (N + 1, BH, Dk, Dv)."""
+    """Returns O, the states before each chunk then the final state (N + 1, BH, Dk, Dv), and P."""
     N, BH, C, Dk = K.shape
     P = bmm(Q, K.transpose(-1, -2)).mul_(dec.pair)
     states = K.new_empty(N + 1, BH, Dk, V.shape[-1])
     states[0] = S0
-    # each chunk's write goes straight into the slot of the state after it, then the carry is added
-    torch.bmm((K * dec.until_end).transpose(-1, -2).flatten(0, 1), V.flatten(0, 1),
-              out=states[1:].flatten(0, 1))
+    # per chunk, not batched: a (T x Dk) temporary for the decayed keys costs more than the loop
     for n in range(N):
-        states[n + 1].addcmul_(states[n], dec.whole[n])
+        torch.mul(states[n], dec.whole[n], out=states[n + 1]).baddbmm_(
+            (K[n] * dec.until_end[n]).transpose(-1, -2), V[n])
     O = acc_bmm(bmm(Q, states[:N]).mul_(dec.since_start), P, V)
     return O, states, P
 
@@ -37,15 +36,14 @@ def _backward_gated(Q, K, V, dec, P, states, dO, dSf):
     N = Q.shape[0]
     grads = torch.empty_like(states)  # grads[n]: w.r.t. states[n]; grads[N] w.r.t. the final state
     grads[N] = dSf
-    torch.bmm(Q.transpose(-1, -2).flatten(0, 1), (dO * dec.since_start).flatten(0, 1),
-              out=grads[:N].flatten(0, 1))  # what each chunk's read adds
-    for n in range(N - 1, -1, -1):
-        grads[n].addcmul_(grads[n + 1], dec.whole[n])
+    for n in range(N - 1, -1, -1):  # the carried gradient decays; each chunk's read adds to it
+        torch.mul(grads[n + 1], dec.whole[n], out=grads[n]).baddbmm_(
+            Q[n].transpose(-1, -2), dO[n] * dec.since_start[n])
     after, d_after = states[1:], grads[1:]
     dP = bmm(dO, V.transpose(-1, -2)).mul_(dec.pair)
     dQ = acc_bmm(bmm(dO, states[:N].transpose(-1, -2)).mul_(dec.since_start), dP, K)
     dK = acc_bmm(bmm(V, d_after.transpose(-1, -2)).mul_(dec.until_end), dP.transpose(-1, -2), Q)
-    dV = acc_bmm(bmm(P.transpose(-1, -2), dO), K * dec.until_end, d_after)
+    dV = acc_bmm(bmm(K, d_after).mul_(dec.until_end), P.transpose(-1, -2), dO)
     return dQ, dK, dV, grads[0], decay_grad(Q, dQ, V, dV, after, d_after)
 
 
