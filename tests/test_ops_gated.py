@@ -153,3 +153,16 @@ def test_strong_decay_stays_finite(rule, dtype):
     for i, (a, b_) in enumerate(zip(got, ref)):
         assert torch.isfinite(a).all(), i
         assert rel_err(a, b_) < TOL[dtype], (i, rel_err(a, b_))
+
+
+@pytest.mark.parametrize("rule", ["sum", "delta"])
+def test_fixed_decays_need_no_dg(rule):
+    """g without requires_grad (fixed decays, as in RetNet): the other gradients are unchanged."""
+    q, k, v, beta, state = make_inputs(1, 2, 70, 4, 3, with_state=True)
+    g = log_decay(1, 2, 70)
+    b = None if rule == "sum" else beta
+    with_dg = run_with_grads(RULES[rule], q, k, v, b, state, "chunked", log_g=g)
+    fixed_g = g.detach()
+    fixed = run_with_grads(lambda *a, **kw: RULES[rule](*a, g=fixed_g, **kw), q, k, v, b, state, "chunked")
+    assert len(fixed) == len(with_dg) - 1
+    assert all(torch.equal(a, b_) for a, b_ in zip(fixed, with_dg))

@@ -66,8 +66,8 @@ def _forward_chunks(Q, K, V, Bt, S0, dec=None):
     return O, states[N], (Kb, Tinv, W, U, P, states)
 
 
-def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final, dec=None):
-    """The gradients w.r.t. Q, K, V, Bt, the initial state and (gated) the log-decays."""
+def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final, dec=None, need_dg=False):
+    """The gradients w.r.t. Q, K, V, Bt, the initial state and (gated, need_dg) the log-decays."""
     Kb, Tinv, W, U, P, states = saved
     N, BH, C, Dk = K.shape
     S = states[:N]
@@ -115,7 +115,8 @@ def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final, dec=None):
     dK.addcmul_(dKb, Bt)
     dV = dVb * Bt
     dBt = row_dot(dKb, K).add_(row_dot(dVb, V))[..., None]
-    return dQ, dK, dV, dBt, grads[0], decay_grad(Q, dQ, V, dV, states[1:], grads[1:])
+    dG = decay_grad(Q, dQ, V, dV, states[1:], grads[1:]) if need_dg else None
+    return dQ, dK, dV, dBt, grads[0], dG
 
 
 class _DeltaChunked(torch.autograd.Function):
@@ -145,7 +146,7 @@ class _DeltaChunked(torch.autograd.Function):
         acc = Q.dtype
         dO = to_chunks(do.to(acc), C)
         dSf = Q.new_zeros(B * H, Dk, Dv) if dsf is None else dsf.to(acc).reshape(B * H, Dk, Dv).contiguous()
-        dQ, dK, dV, dBt, dS0, dG = _backward_chunks(Q, K, V, Bt, saved, dO, dSf, dec)
+        dQ, dK, dV, dBt, dS0, dG = _backward_chunks(Q, K, V, Bt, saved, dO, dSf, dec, ctx.needs_input_grad[6])
         dq, dk, dv = (from_chunks(x, B, H, T).to(in_dtype) for x in (dQ, dK, dV))
         dbeta = from_chunks(dBt, B, H, T)[..., 0].to(beta_dtype)
         ds0 = None if state_dtype is None else dS0.reshape(B, H, Dk, Dv).to(state_dtype)

@@ -32,7 +32,7 @@ def _forward_gated(Q, K, V, S0, dec):
     return O, states, P
 
 
-def _backward_gated(Q, K, V, dec, P, states, dO, dSf):
+def _backward_gated(Q, K, V, dec, P, states, dO, dSf, need_dg):
     N = Q.shape[0]
     grads = torch.empty_like(states)  # grads[n]: w.r.t. states[n]; grads[N] w.r.t. the final state
     grads[N] = dSf
@@ -44,7 +44,7 @@ def _backward_gated(Q, K, V, dec, P, states, dO, dSf):
     dQ = acc_bmm(bmm(dO, states[:N].transpose(-1, -2)).mul_(dec.since_start), dP, K)
     dK = acc_bmm(bmm(V, d_after.transpose(-1, -2)).mul_(dec.until_end), dP.transpose(-1, -2), Q)
     dV = acc_bmm(bmm(K, d_after).mul_(dec.until_end), P.transpose(-1, -2), dO)
-    return dQ, dK, dV, grads[0], decay_grad(Q, dQ, V, dV, after, d_after)
+    return dQ, dK, dV, grads[0], (decay_grad(Q, dQ, V, dV, after, d_after) if need_dg else None)
 
 
 def _forward(Q, K, V, S0):
@@ -103,8 +103,9 @@ class _SumChunked(torch.autograd.Function):
         if g_dtype is None:
             dQ, dK, dV, dS0 = _backward(Q, K, V, P, states, dO, dSf)
         else:
-            dQ, dK, dV, dS0, dG = _backward_gated(Q, K, V, ChunkDecay(*dec), P, states, dO, dSf)
-            dg = from_chunks(dG, B, H, T)[..., 0].to(g_dtype)
+            dQ, dK, dV, dS0, dG = _backward_gated(Q, K, V, ChunkDecay(*dec), P, states, dO, dSf,
+                                                  ctx.needs_input_grad[5])
+            dg = None if dG is None else from_chunks(dG, B, H, T)[..., 0].to(g_dtype)
         dq, dk, dv = (from_chunks(x, B, H, T).to(in_dtype) for x in (dQ, dK, dV))
         ds0 = None if state_dtype is None else dS0.reshape(B, H, Dk, Dv).to(state_dtype)
         return dq, dk, dv, ds0, None, dg
