@@ -2,7 +2,7 @@
 attention (torch's scaled_dot_product_attention) and the step-by-step reference, and the cost of
 the gated rules (a log-decay g) over the ungated chunked forms.
 
-    python benchmarks/ops.py [--lengths 256 1024 4096] [--out results/ops]
+    python benchmarks/ops.py [--lengths 256 1024 4096] [--out results/ops] [--threads N] [--clock cpu]
 
 Writes <out>.md (the README's tables), <out>.json and <out>.png. Shapes: B=4, H=8, D=64, fp32,
 sum-normalised keys and queries (as the models use them); decays exp(g) = sigmoid(N(3, 1)),
@@ -33,14 +33,18 @@ def inputs(B, H, T, D, seed=0):
     return q, k, v, beta, log_g
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(fn, reps, warmup=1):
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -53,9 +57,9 @@ def timed_together(fns, reps, warmup=1):
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -93,7 +97,15 @@ def main():
     ap.add_argument("--reference-max-len", type=int, default=1024,
                     help="skip the step-by-step reference above this length (it takes seconds per 1K steps)")
     ap.add_argument("--out", default="results/ops")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared machine: time spent "
+                         "waiting for a core is not counted; with several threads their times add up)")
     args = ap.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B, H, D = args.batch, args.heads, args.dim
     rows = []
     mm = matmul_gflops()
@@ -124,7 +136,7 @@ def main():
 
 def write(rows, args, B, H, D):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    head = (f"B={B}, H={H}, D={D}, fp32, forward+backward, median of {args.reps}; "
+    head = (f"B={B}, H={H}, D={D}, fp32, forward+backward, median of {args.reps} ({args.clock} clock); "
             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     lines = [head, "",
              "| T | reference delta (s) | chunked delta (s) | chunked sum (s) | causal SDPA (s) "
@@ -152,7 +164,8 @@ def write(rows, args, B, H, D):
     with open(args.out + ".md", "w") as f:
         f.write(md)
     with open(args.out + ".json", "w") as f:
-        json.dump({"config": {"B": B, "H": H, "D": D, "reps": args.reps}, "rows": rows}, f, indent=1)
+        json.dump({"config": {"B": B, "H": H, "D": D, "reps": args.reps, "clock": args.clock,
+                              "threads": torch.get_num_threads()}, "rows": rows}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
