@@ -60,14 +60,23 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def run_with_grads(fn, q, k, v, beta, state, impl, seed=123):
-    """Outputs, final state and the gradients of a random linear function of both."""
+def log_decay(B, H, T, dtype=torch.float64, seed=1, requires_grad=True):
+    """Log-decays g <= 0 for the gated rules: decays exp(g) spread over (0, 1), most near 1."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.nn.functional.logsigmoid(2 * torch.randn(B, H, T, generator=gen, dtype=torch.float64) + 2)
+    return g.to(dtype).requires_grad_(requires_grad)
+
+
+def run_with_grads(fn, q, k, v, beta, state, impl, seed=123, log_g=None):
+    """Outputs, final state and the gradients of a random linear function of both (the
+    gradient w.r.t. the log-decays log_g last, when given)."""
     args = (q, k, v) if beta is None else (q, k, v, beta)
-    o, S = fn(*args, initial_state=state, output_final_state=True, impl=impl)
+    gated = {} if log_g is None else {"g": log_g}
+    o, S = fn(*args, initial_state=state, output_final_state=True, impl=impl, **gated)
     g = torch.Generator().manual_seed(seed)
     wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
     ws = torch.randn(S.shape, generator=g, dtype=torch.float64).to(S.dtype)
-    inputs = [x for x in (*args, state) if x is not None]
+    inputs = [x for x in (*args, state, log_g) if x is not None]
     grads = torch.autograd.grad((o * wo).sum() + (S * ws).sum(), inputs)
     return [o, S, *grads]
 

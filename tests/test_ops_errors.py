@@ -82,3 +82,42 @@ def test_auto_uses_chunked_on_cpu(x, monkeypatch):
     q, k, v, beta, _ = x
     fast_weight_delta(q, k, v, beta)
     assert called
+
+
+def test_log_decay_shape_dtype_device(x):
+    q, k, v, beta, _ = x
+    g = torch.zeros(2, 2, 5, dtype=q.dtype)
+    with pytest.raises(ValueError, match=r"g: expected shape \(2, 2, 5\)"):
+        fast_weight_sum(q, k, v, g=g[:, :, :4])
+    with pytest.raises(ValueError, match=r"g: expected a 3-d tensor"):
+        fast_weight_delta(q, k, v, beta, g=g[..., None])
+    with pytest.raises(ValueError, match=r"g: expected a floating-point tensor"):
+        fast_weight_sum(q, k, v, g=g.long())
+    with pytest.raises(ValueError, match=r"g: expected device cpu"):
+        fast_weight_delta(q, k, v, beta, g=torch.zeros(2, 2, 5, device="meta"))
+
+
+@pytest.mark.parametrize("bad", [0.5, float("inf"), float("-inf"), float("nan")])
+def test_log_decay_values(x, bad):
+    """A decay exp(g) must lie in (0, 1]: checked for CPU tensors."""
+    q, k, v, beta, _ = x
+    g = torch.full((2, 2, 5), -0.1, dtype=q.dtype)
+    g[1, 0, 3] = bad
+    for impl in ("reference", "chunked"):
+        with pytest.raises(ValueError, match=r"g: expected finite log-decays <= 0"):
+            fast_weight_delta(q, k, v, beta, g=g, impl=impl)
+        with pytest.raises(ValueError, match=r"g: expected finite log-decays <= 0"):
+            fast_weight_sum(q, k, v, g=g, impl=impl)
+
+
+def test_cuda_without_gated_kernel_refuses_g(x, monkeypatch):
+    """A CUDA build whose kernels take no g: a clear error, never the ungated rule."""
+    from fwp_fairseq.ops import cuda_backend
+
+    def ungated(q, k, v, initial_state=None, output_final_state=False):
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(cuda_backend, "sum_rule_cuda", ungated)
+    q, k, v, beta, _ = x
+    with pytest.raises(ValueError, match=r"g: impl='cuda' has no gated"):
+        fast_weight_sum(q, k, v, impl="cuda", g=torch.zeros(2, 2, 5, dtype=q.dtype))

@@ -1,4 +1,5 @@
-"""Input validation shared by every op: one clear ValueError naming the argument."""
+"""Input validation shared by every op (one clear ValueError naming the argument), and the
+state every recurrence starts from."""
 import torch
 
 IMPLS = ("auto", "reference", "chunked", "cuda")
@@ -18,9 +19,33 @@ def _tensor(name, x, ndim):
         raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
 
 
-def check_causal_inputs(q, k, v, beta=None, initial_state=None, impl="auto", with_beta=False):
+def start_state(q, v, initial_state, flat=False):
+    """The state before the first step, in the accumulation dtype: zeros when none is given.
+    (B, H, Dk, Dv), or (B*H, Dk, Dv) with flat=True."""
+    B, H, _, Dk = q.shape
+    Dv = v.shape[-1]
+    shape = (B * H, Dk, Dv) if flat else (B, H, Dk, Dv)
+    acc = accumulation_dtype(q.dtype)
+    if initial_state is None:
+        return q.new_zeros(*shape, dtype=acc)
+    return initial_state.to(acc).reshape(shape)
+
+
+def _check_log_decay(g, B, H, T):
+    """g: (B, H, T) floating point, every value finite and <= 0 (a decay a = exp(g) in (0, 1]).
+    The values are checked on the CPU only: on a GPU the check would wait for the device at
+    every call."""
+    _tensor("g", g, 3)
+    if g.shape != (B, H, T):
+        raise ValueError(f"g: expected shape {(B, H, T)} (B, H, T as q), got {tuple(g.shape)}")
+    if g.device.type == "cpu" and not bool(((g <= 0) & torch.isfinite(g)).all()):
+        raise ValueError("g: expected finite log-decays <= 0 (a decay exp(g) in (0, 1]), "
+                         f"got values in [{g.min().item()}, {g.max().item()}]")
+
+
+def check_causal_inputs(q, k, v, beta=None, initial_state=None, impl="auto", with_beta=False, g=None):
     """Check the shapes of q, k: (B, H, T, Dk), v: (B, H, T, Dv), beta: (B, H, T),
-    initial_state: (B, H, Dk, Dv). Returns (B, H, T, Dk, Dv)."""
+    initial_state: (B, H, Dk, Dv), g: (B, H, T) or None. Returns (B, H, T, Dk, Dv)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _tensor("q", q, 4)
@@ -51,6 +76,9 @@ def check_causal_inputs(q, k, v, beta=None, initial_state=None, impl="auto", wit
             raise ValueError(
                 f"initial_state: expected shape {(B, H, Dk, Dv)}, got {tuple(initial_state.shape)}")
         tensors.append(("initial_state", initial_state))
+    if g is not None:
+        _check_log_decay(g, B, H, T)
+        tensors.append(("g", g))
     for name, x in tensors:
         if x.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (as q), got {x.device}")

@@ -1,8 +1,11 @@
-"""Splitting (B, H, T, D) sequences into chunks of C steps, and back.
+"""Splitting (B, H, T, D) sequences into chunks of C steps, and back; the decays of the gated
+rules inside each chunk.
 
 Chunks are laid out chunk-major, (N, B*H, C, D), so that the sequential loops over chunks
 read and write contiguous slices x[n] (a strided slice makes batched products fall back to
 one small product per batch element)."""
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +18,8 @@ def pick_chunk_size(T, preferred):
 def to_chunks(x, C):
     """(B, H, T, ...) -> (N, B*H, C, ...), zero-padding T up to N*C.
 
-    Zero keys, values, queries and betas are inert in both rules, so padding never changes a result."""
+    Zero keys, values, queries and betas are inert in both rules, and so is a zero log-decay
+    (a decay of 1), so padding never changes a result."""
     B, H, T = x.shape[:3]
     pad = (-T) % C
     if pad:
@@ -40,3 +44,55 @@ def acc_bmm(out, a, b, alpha=1.0):
     """out += alpha * a @ b in place, batched over the leading (N, BH) dims."""
     out.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
     return out
+
+
+class ChunkDecay(NamedTuple):
+    """The decays inside each chunk of a gated rule, from the within-chunk cumulative log-decay
+    b_t = g_1 + ... + g_t (steps counted from the chunk's start). Every exponent is <= 0: only
+    differences b_t - b_s with s <= t are exponentiated, never a growth exp(-b)."""
+    since_start: torch.Tensor  # (N, BH, C, 1) exp(b_t): what is left at step t of the state before the chunk
+    until_end: torch.Tensor  # (N, BH, C, 1) exp(b_C - b_t): what is left of step t's write at the chunk's end
+    whole: torch.Tensor  # (N, BH, 1, 1) exp(b_C): the state's decay over the whole chunk
+    pair: torch.Tensor  # (N, BH, C, C) exp(b_t - b_s) for s <= t, 0 above the diagonal
+
+
+def chunk_decay(G):
+    """G: (N, BH, C, 1) chunked log-decays (accumulation dtype) -> ChunkDecay.
+
+    The cumulative sums are taken in fp64: after a strong decay b is large, and a difference of
+    two fp32 sums would keep only about eps * |b| of precision. The (C x C) differences are then
+    formed in the accumulation dtype from b's two-part split b = hi + lo (each part rounded to
+    that dtype), (hi_t - hi_s) + (lo_t - lo_s), as precise as an fp64 difference at fp32 cost."""
+    dtype = G.dtype
+    b = G.to(torch.float64).cumsum(2)
+    b_end = b[:, :, -1:]
+    hi = b.to(dtype)
+    pair = hi - hi.transpose(-1, -2)
+    if dtype != torch.float64:
+        lo = (b - hi.to(torch.float64)).to(dtype)
+        pair.add_(lo).sub_(lo.transpose(-1, -2))
+    C = G.shape[2]
+    # -inf for s > t (no decay applies there): adding it is a cheaper mask than masked_fill_
+    later = torch.full((C, C), float("-inf"), dtype=dtype, device=G.device).triu_(1)
+    pair.add_(later).exp_()
+    return ChunkDecay(hi.exp(), (b_end - b).to(dtype).exp_(), b_end.to(dtype).exp(), pair)
+
+
+def row_dot(a, b):
+    """(..., R, D) . (..., R, D) -> (..., R): one dot product per row, without an (R, D) temporary."""
+    return torch.einsum("nbrd,nbrd->nbr", a, b)
+
+
+def decay_grad(Q, dQ, V, dV, after, d_after):
+    """The gradient w.r.t. the chunked log-decays G, (N, BH, C, 1), from the other gradients.
+
+    Within a chunk starting from state S, write the state as S_t = exp(b_t) S~_t: S~ follows the
+    ungated rule from S with values exp(-b_t) v_t, o_t = exp(b_t) S~_t^T q_t, and the state after
+    the chunk is exp(b_C) S~_C. So b_t scales q_t up and v_t down (and the chunk's last step
+    scales its final state), and for either rule
+        dL/db_t = q_t . dq_t - v_t . dv_t  (+ <S_after, dS_after> at the chunk's last step);
+    dL/dg_s is the sum of dL/db_t over the chunk's steps t >= s. after, d_after: the state after
+    each chunk and the gradient w.r.t. it, (N, BH, Dk, Dv)."""
+    db = row_dot(Q, dQ).sub_(row_dot(V, dV))
+    db[..., -1] += row_dot(after, d_after).sum(-1)
+    return db.flip(-1).cumsum(-1).flip(-1)[..., None]

@@ -1,4 +1,6 @@
 """Public entry points: validate, then pick an implementation."""
+import inspect
+
 from ._checks import check_causal_inputs
 from .delta_rule.chunked import delta_rule_chunked
 from .delta_rule.reference import delta_rule_reference
@@ -15,10 +17,19 @@ def cuda_available():
     return cuda_backend.available()
 
 
-def _resolve(impl, q, v):
+def _cuda_takes_g(name):
+    """Whether this build's CUDA recurrence has the gated form (a keyword g)."""
+    try:
+        from . import cuda_backend
+    except ImportError:
+        return False
+    return "g" in inspect.signature(getattr(cuda_backend, name)).parameters
+
+
+def _resolve(impl, q, v, name, g):
     if impl != "auto":
         return impl
-    if q.is_cuda and cuda_available()[0]:
+    if q.is_cuda and cuda_available()[0] and (g is None or _cuda_takes_g(name)):
         from . import cuda_backend
         if cuda_backend.supports(q, v)[0]:  # else (e.g. Dk > 512) fall back to chunked
             return "cuda"
@@ -27,7 +38,10 @@ def _resolve(impl, q, v):
     return "chunked"
 
 
-def _cuda_fn(name, q):
+def _cuda_fn(name, q, g):
+    if g is not None and not _cuda_takes_g(name):
+        raise ValueError("g: impl='cuda' has no gated (log-decay) kernel in this build; "
+                         "use impl='chunked' or impl='auto'")
     if not q.is_cuda:
         raise ValueError(f"impl: 'cuda' needs CUDA tensors, got q on {q.device}")
     ok, why = cuda_available()
@@ -37,24 +51,34 @@ def _cuda_fn(name, q):
     return getattr(cuda_backend, name)
 
 
-def fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto"):
-    """Sum rule: S_t = S_{t-1} + k_t v_t^T, o_t = S_t^T q_t. Returns (o, final_state or None)."""
-    check_causal_inputs(q, k, v, initial_state=initial_state, impl=impl)
-    impl = _resolve(impl, q, v)
+def fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto", g=None):
+    """Sum rule: S_t = S_{t-1} + k_t v_t^T, o_t = S_t^T q_t. Returns (o, final_state or None).
+
+    g: optional log-decays (B, H, T), finite and <= 0: S_t = exp(g_t) S_{t-1} + k_t v_t^T
+    (decayed linear attention). Values are checked for CPU tensors only (the check would make a
+    GPU call wait for the device)."""
+    check_causal_inputs(q, k, v, initial_state=initial_state, impl=impl, g=g)
+    impl = _resolve(impl, q, v, "sum_rule_cuda", g)
+    gated = {} if g is None else {"g": g}
     if impl == "reference":
-        return sum_rule_reference(q, k, v, initial_state, output_final_state)
+        return sum_rule_reference(q, k, v, initial_state, output_final_state, **gated)
     if impl == "chunked":
-        return sum_rule_chunked(q, k, v, initial_state, output_final_state)
-    return _cuda_fn("sum_rule_cuda", q)(q, k, v, initial_state, output_final_state)
+        return sum_rule_chunked(q, k, v, initial_state, output_final_state, **gated)
+    return _cuda_fn("sum_rule_cuda", q, g)(q, k, v, initial_state, output_final_state, **gated)
 
 
-def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto"):
+def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto", g=None):
     """Delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t.
-    Returns (o, final_state or None)."""
-    check_causal_inputs(q, k, v, beta, initial_state, impl=impl, with_beta=True)
-    impl = _resolve(impl, q, v)
+    Returns (o, final_state or None).
+
+    g: optional log-decays (B, H, T), finite and <= 0, for the gated delta rule
+    S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T, a_t = exp(g_t) (Gated DeltaNet).
+    Values are checked for CPU tensors only (the check would make a GPU call wait for the device)."""
+    check_causal_inputs(q, k, v, beta, initial_state, impl=impl, with_beta=True, g=g)
+    impl = _resolve(impl, q, v, "delta_rule_cuda", g)
+    gated = {} if g is None else {"g": g}
     if impl == "reference":
-        return delta_rule_reference(q, k, v, beta, initial_state, output_final_state)
+        return delta_rule_reference(q, k, v, beta, initial_state, output_final_state, **gated)
     if impl == "chunked":
-        return delta_rule_chunked(q, k, v, beta, initial_state, output_final_state)
-    return _cuda_fn("delta_rule_cuda", q)(q, k, v, beta, initial_state, output_final_state)
+        return delta_rule_chunked(q, k, v, beta, initial_state, output_final_state, **gated)
+    return _cuda_fn("delta_rule_cuda", q, g)(q, k, v, beta, initial_state, output_final_state, **gated)

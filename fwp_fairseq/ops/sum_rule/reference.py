@@ -1,22 +1,22 @@
 """Step-by-step sum rule: the oracle every fast path is tested against.
 
-S_t = S_{t-1} + k_t v_t^T ;  o_t = S_t^T q_t  (read after write)."""
+S_t = a_t S_{t-1} + k_t v_t^T ;  o_t = S_t^T q_t  (read after write), with the decay
+a_t = exp(g_t) when a log-decay g (B, H, T) is given (decayed linear attention, as in RetNet
+and Mamba-2), a_t = 1 without."""
 import torch
 
-from .._checks import accumulation_dtype
+from .._checks import accumulation_dtype, start_state
 
 
-def sum_rule_reference(q, k, v, initial_state=None, output_final_state=False):
+def sum_rule_reference(q, k, v, initial_state=None, output_final_state=False, g=None):
     acc = accumulation_dtype(q.dtype)
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
-    if initial_state is None:
-        S = q.new_zeros(B, H, Dk, Dv, dtype=acc)
-    else:
-        S = initial_state.to(acc)
+    S = start_state(q, v, initial_state)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    decay = None if g is None else g.to(acc).exp()
     outs = []
-    for t in range(T):
+    for t in range(q.shape[2]):
+        if decay is not None:
+            S = decay[:, :, t, None, None] * S
         S = S + ka[:, :, t, :, None] * va[:, :, t, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", qa[:, :, t], S))
     o = torch.stack(outs, dim=2).to(q.dtype)
