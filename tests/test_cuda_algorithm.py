@@ -22,7 +22,7 @@ from helpers import positive_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
-HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_emu.h")
+HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_emu.h")
 CODES = {torch.float32: 0, torch.float64: 3}
 
 
