@@ -54,6 +54,30 @@ def positive_inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
 
 
+def log_decay(B, H, T, dtype=torch.float32, device="cpu", seed=0, low=-5.0):
+    """A forget gate's log-decay g (B, H, T) in [low, 0] (a_t = exp(g_t) from 1 down to
+    exp(low)), skewed towards mild decays so that some state survives many steps."""
+    gen = torch.Generator().manual_seed(seed)
+    g = low * torch.rand(B, H, T, generator=gen, dtype=torch.float64) ** 2
+    return g.to(device=device, dtype=dtype)
+
+
+def gated_reference(q, k, v, beta, h0, g):
+    """Step by step, S'_t = exp(g_t) S_{t-1}, u_t = v_t (beta None: the sum rule) or
+    beta_t (v_t - S'^T_t k_t) (the delta rule), S_t = S'_t + k_t u_t^T, o_t = S_t^T q_t.
+    Returns (o, final state); autograd gives every gradient."""
+    S = h0 if h0 is not None else q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
+    outs = []
+    for t in range(q.shape[2]):
+        S = g[:, :, t, None, None].exp() * S
+        u = v[:, :, t]
+        if beta is not None:
+            u = beta[:, :, t, None] * (u - torch.einsum("bhkv,bhk->bhv", S, k[:, :, t]))
+        S = S + k[:, :, t, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]))
+    return torch.stack(outs, 2), S
+
+
 def rel_err(a, b):
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()

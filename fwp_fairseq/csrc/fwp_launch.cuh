@@ -91,12 +91,14 @@ inline const char* launch_error() {
 
 template <bool B> using Flag = std::integral_constant<bool, B>;
 
-// f(Tag<scalar_t>, Len<L>, Flag<DELTA>) for the runtime dtype, inner length and rule.
+// f(Tag<scalar_t>, Len<L>, Flag<DELTA>, Flag<GATED>) for the runtime dtype, inner length, rule
+// and forget gate.
 template <int MAX, typename F>
-const char* dispatch(int dtype, int len, bool delta, F&& f) {
+const char* dispatch(int dtype, int len, bool delta, bool gated, F&& f) {
   return dispatch_dtype(dtype, [&](auto tag) {
     return dispatch_len<MAX>(len, [&](auto L) {
-      return delta ? f(tag, L, Flag<true>{}) : f(tag, L, Flag<false>{});
+      if (delta) return gated ? f(tag, L, Flag<true>{}, Flag<true>{}) : f(tag, L, Flag<true>{}, Flag<false>{});
+      return gated ? f(tag, L, Flag<false>{}, Flag<true>{}) : f(tag, L, Flag<false>{}, Flag<false>{});
     });
   });
 }
