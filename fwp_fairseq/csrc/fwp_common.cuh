@@ -46,6 +46,17 @@ template <> struct Split<128> { static constexpr int R = 8, PT = 16; };
 template <> struct Split<256> { static constexpr int R = 16, PT = 16; };
 template <> struct Split<512> { static constexpr int R = 16, PT = 32; };
 
+// One compiled variant: input type, padded inner length L (Dk in the column layout of the forward
+// and pass A, Dv in the row layout of pass B), rule and forget gate, and the Split of L.
+template <typename scalar_t, int LEN, bool IS_DELTA, bool IS_GATED>
+struct Cfg {
+  using scalar = scalar_t;
+  using acc_t = typename Acc<scalar_t>::type;
+  static constexpr int L = LEN, R = Split<LEN>::R, PT = Split<LEN>::PT, NV = PT / 4;
+  static constexpr int OUT = kThreads / R;  // owners per tile
+  static constexpr bool DELTA = IS_DELTA, GATED = IS_GATED;
+};
+
 // Steps per shared-memory stage: about `budget` bytes of per-step inputs, a power of two in
 // [8, 64] so that any multiple of 64 is a valid checkpoint interval for every kernel.
 constexpr int chunk_steps(int bytes_per_step, int budget = 8192) {
@@ -71,28 +82,29 @@ FWP_DEVICE void store_out(__half* p, float x) { *p = __float2half_rn(x); }
 FWP_DEVICE void store_out(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 #endif
 
-// Four consecutive elements (16-byte aligned for fp32/fp64, 8-byte for 16-bit types) as acc_t.
+// Four consecutive elements (16-byte aligned for fp32/fp64, 8-byte for 16-bit types) as acc_t
+// into x[0..3].
 #ifdef FWP_EMU
-template <typename T, typename A> inline void load4(const T* p, A (&x)[4]) {
+template <typename T, typename A> inline void load4(const T* p, A* x) {
   for (int e = 0; e < 4; ++e) x[e] = static_cast<A>(p[e]);
 }
 #else
-FWP_DEVICE void load4(const float* p, float (&x)[4]) {
+FWP_DEVICE void load4(const float* p, float* x) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
 }
-FWP_DEVICE void load4(const double* p, double (&x)[4]) {
+FWP_DEVICE void load4(const double* p, double* x) {
   const double2 a = reinterpret_cast<const double2*>(p)[0];
   const double2 b = reinterpret_cast<const double2*>(p)[1];
   x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
 }
-FWP_DEVICE void load4(const __half* p, float (&x)[4]) {
+FWP_DEVICE void load4(const __half* p, float* x) {
   const uint2 raw = *reinterpret_cast<const uint2*>(p);
   const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
   const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
   x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
 }
-FWP_DEVICE void load4(const __nv_bfloat16* p, float (&x)[4]) {
+FWP_DEVICE void load4(const __nv_bfloat16* p, float* x) {
   const uint2 raw = *reinterpret_cast<const uint2*>(p);
   const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
   const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
@@ -202,11 +214,22 @@ template <typename A> FWP_DEVICE const A* offset_or_null(const void* p, long lon
   return p ? static_cast<const A*>(p) + off : nullptr;
 }
 
-// Part `off` of double-buffer stage b of shared memory.
-template <typename T>
-FWP_DEVICE T* stage_part(unsigned char* smem, size_t stage_bytes, int b, size_t off) {
-  return reinterpret_cast<T*>(smem + b * stage_bytes + off);
-}
+// Shared memory of a kernel with shape Sh: two stages of per-step inputs (k at offset 0 and q at
+// Sh::q_off in every layout), then Sh's output staging arrays of TC steps x OUT owners.
+template <typename Sh>
+struct Stages {
+  using scalar_t = typename Sh::scalar;
+  using acc_t = typename Sh::acc_t;
+  unsigned char* smem;
+  template <typename T> FWP_DEVICE T* part(int b, size_t off) const {
+    return reinterpret_cast<T*>(smem + b * Sh::stage_bytes + off);
+  }
+  FWP_DEVICE scalar_t* k(int b) const { return part<scalar_t>(b, 0); }
+  FWP_DEVICE scalar_t* q(int b) const { return part<scalar_t>(b, Sh::q_off); }
+  FWP_DEVICE acc_t* out(int n) const {
+    return reinterpret_cast<acc_t*>(smem + 2 * Sh::stage_bytes + n * Sh::out_bytes);
+  }
+};
 
 // Zero the stages once: entries past the tile's owners or past Dk/Dv are never copied and must
 // read as 0.
@@ -220,17 +243,16 @@ FWP_DEVICE void zero_stages(unsigned char* smem, size_t bytes, int tid) {
 // once that chunk is in shared memory for every thread, while the next chunk's copies fly. The
 // body must __syncthreads() after its last read of buffer b (the next prefetch overwrites it).
 template <int TC, bool REVERSE, typename Stage, typename Body>
-FWP_DEVICE void chunk_loop(long long T, Stage&& stage, Body&& body) {
+FWP_DEVICE void chunk_loop(long long T, const Stage& stage, Body&& body) {
   const long long n = (T + TC - 1) / TC;
-  auto issue = [&](long long c) {
-    stage(c * TC, static_cast<int>(lmin(TC, T - c * TC)), static_cast<int>(c & 1));
-    copy_commit();
-  };
-  issue(REVERSE ? n - 1 : 0);
+  const long long c0 = REVERSE ? n - 1 : 0;
+  stage(c0 * TC, static_cast<int>(lmin(TC, T - c0 * TC)), static_cast<int>(c0 & 1));
+  copy_commit();
   for (long long i = 0; i < n; ++i) {
-    const long long c = REVERSE ? n - 1 - i : i;
+    const long long c = REVERSE ? n - 1 - i : i, next = REVERSE ? c - 1 : c + 1;
     if (i + 1 < n) {
-      issue(REVERSE ? c - 1 : c + 1);
+      stage(next * TC, static_cast<int>(lmin(TC, T - next * TC)), static_cast<int>(next & 1));
+      copy_commit();
       copy_wait_but_one();
     } else {
       copy_wait_all();

@@ -4,7 +4,6 @@
 
 #include <exception>
 #include <string>
-#include <type_traits>
 
 #include "fwp_common.cuh"
 
@@ -17,22 +16,12 @@
   kernel<<<(grid), ::fwp::kThreads, (smem), static_cast<cudaStream_t>(stream)>>>(params)
 #endif
 
-// Entry points return errors as text; the emulator's exceptions become text too.
-#define FWP_TRY try {
-#define FWP_CATCH                                                   \
-  }                                                                 \
-  catch (const std::exception& ex) {                                \
-    static thread_local std::string fwp_msg;                        \
-    fwp_msg = ex.what();                                            \
-    return fwp_msg.c_str();                                         \
-  }
-
 namespace fwp {
 
 // Every kernel's chunk length divides 64, so any multiple of 64 is a valid ck_every.
 constexpr const char* kBadCkEvery = "fwp: ck_every must be a multiple of 64";
 
-// ---- host-side dispatch over dtype and padded inner length ----
+// ---- dispatch over dtype and padded inner length ----
 template <typename T> struct Tag { using type = T; };
 
 template <typename F>
@@ -60,13 +49,21 @@ const char* dispatch_len(int n, F&& f) {
   return "fwp: feature dimension too large (Dk <= 512, Dv <= 256)";
 }
 
-// Common argument checks of the three entry points.
-inline const char* check_sizes(long long BH, long long T, int Dk, int Dv, int ck_every) {
+// An entry point: the size checks the three share, then body(); errors come back as text, the
+// emulator's exceptions too.
+template <typename F>
+const char* entry(long long BH, long long T, int Dk, int Dv, int ck_every, F&& body) {
   if (BH <= 0 || T <= 0 || Dk <= 0 || Dv <= 0) return "fwp: empty input";
   if (Dk % 8 || Dv % 8) return "fwp: Dk and Dv must be multiples of 8 (pad with zeros)";
   if (Dk > 512 || Dv > 256) return "fwp: Dk <= 512 and Dv <= 256";
   if (ck_every <= 0) return "fwp: ck_every must be positive";
-  return nullptr;
+  try {
+    return body();
+  } catch (const std::exception& ex) {
+    static thread_local std::string msg;
+    msg = ex.what();
+    return msg.c_str();
+  }
 }
 
 #ifdef FWP_EMU
@@ -89,26 +86,28 @@ inline const char* launch_error() {
 }
 #endif
 
-template <bool B> using Flag = std::integral_constant<bool, B>;
-
-// f(Tag<scalar_t>, Len<L>, Flag<DELTA>, Flag<GATED>) for the runtime dtype, inner length, rule
-// and forget gate.
+// f(Cfg<scalar_t, L, DELTA, GATED>{}) for the runtime dtype, inner length, rule and forget gate.
 template <int MAX, typename F>
 const char* dispatch(int dtype, int len, bool delta, bool gated, F&& f) {
   return dispatch_dtype(dtype, [&](auto tag) {
-    return dispatch_len<MAX>(len, [&](auto L) {
-      if (delta) return gated ? f(tag, L, Flag<true>{}, Flag<true>{}) : f(tag, L, Flag<true>{}, Flag<false>{});
-      return gated ? f(tag, L, Flag<false>{}, Flag<true>{}) : f(tag, L, Flag<false>{}, Flag<false>{});
+    using T = typename decltype(tag)::type;
+    return dispatch_len<MAX>(len, [&](auto n) {
+      constexpr int L = decltype(n)::value;
+      if (delta) return gated ? f(Cfg<T, L, true, true>{}) : f(Cfg<T, L, true, false>{});
+      return gated ? f(Cfg<T, L, false, true>{}) : f(Cfg<T, L, false, false>{});
     });
   });
 }
 
-// One CTA per (head, tile): BH * ntiles blocks of kThreads threads.
-template <typename K, typename P>
-const char* launch_tiles(K kernel, const P& p, long long BH, size_t smem, void* stream) {
+// One CTA per (head, tile of Sh::OUT of the `extent` owners); ck_every (0 where there are no
+// checkpoints) must be a multiple of the chunk length.
+template <typename Sh, typename K, typename P>
+const char* launch_tiles(K kernel, P p, int extent, int ck_every, long long BH, void* stream) {
+  if (ck_every % Sh::TC) return kBadCkEvery;
+  p.ntiles = (extent + Sh::OUT - 1) / Sh::OUT;
   if (BH * p.ntiles > 2147483647LL) return "fwp: more (head, tile) blocks than one grid holds";
-  if (const char* e = prepare_launch(kernel, smem)) return e;
-  FWP_LAUNCH(kernel, BH * p.ntiles, smem, stream, p);
+  if (const char* e = prepare_launch(kernel, Sh::smem)) return e;
+  FWP_LAUNCH(kernel, BH * p.ntiles, Sh::smem, stream, p);
   return launch_error();
 }
 
