@@ -7,7 +7,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
 
-from helpers import positive_inputs
+from helpers import gated_reference, log_decay, positive_inputs
 
 
 def _call(delta, impl, q, k, v, beta, h0, final=True):
@@ -17,9 +17,10 @@ def _call(delta, impl, q, k, v, beta, h0, final=True):
 
 
 def _run(delta, impl, inputs, state_dtype=None):
-    """Outputs and gradients of a fixed random loss on (o, final state)."""
+    """Outputs and gradients of a fixed random loss on (o, final state). impl: an impl name, or a
+    function of (q, k, v, beta, h0, g) for the gated rule (inputs then end with g)."""
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, ht = _call(delta, impl, *xs)
+    o, ht = impl(*xs) if callable(impl) else _call(delta, impl, *xs)
     g = torch.Generator().manual_seed(1)
     wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
     wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
@@ -37,7 +38,7 @@ def _rel_rms(a, b):
     return (((a - b) ** 2).mean().sqrt() / (b ** 2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-NAMES = ["o", "final", "dq", "dk", "dv", "dbeta", "dh0"]
+NAMES = ["o", "final", "dq", "dk", "dv", "dbeta", "dh0", "dg"]
 
 
 def _names(delta):
@@ -191,3 +192,75 @@ def test_too_large_dims_raise(cuda):
     q, k, v, beta, _ = positive_inputs(1, 1, 4, 520, 8, device=cuda)
     with pytest.raises(ValueError, match="512"):
         fast_weight_delta(q, k, v, beta, impl="cuda")
+
+
+# ---------------------------------------------------------------- GPU, forget gate a_t = exp(g_t)
+
+def _gated(delta, impl):
+    """(q, k, v, beta, h0, g) -> (o, final state): the CUDA kernels or the stepwise reference."""
+    if impl == "reference":
+        return lambda q, k, v, b, h0, g: gated_reference(q, k, v, b if delta else None, h0, g)
+    if delta:
+        return lambda q, k, v, b, h0, g: cuda_backend.delta_rule_cuda(q, k, v, b, h0, True, g=g)
+    return lambda q, k, v, b, h0, g: cuda_backend.sum_rule_cuda(q, k, v, h0, True, g=g)
+
+
+def _gated_inputs(shape, dtype, device, seed=0):
+    return (positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
+            + [log_decay(*shape[:3], dtype=dtype, device=device, seed=seed)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gate_fp32_matches_fp64_reference(cuda, shape, delta):
+    inputs = _gated_inputs(shape, torch.float32, cuda)
+    got = _run(delta, _gated(delta, "cuda"), inputs)
+    want = _run(delta, _gated(delta, "reference"), [x.double() for x in inputs])
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert len(got) == len(_names(delta))  # dg included
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_max(a, b) < 1e-5, (name, _rel_max(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_gate_fp64_matches_reference(cuda, delta):
+    inputs = _gated_inputs((1, 2, 300, 24, 40), torch.float64, cuda)
+    got = _run(delta, _gated(delta, "cuda"), inputs)
+    want = _run(delta, _gated(delta, "reference"), inputs)
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_max(a, b) < 1e-10, (name, _rel_max(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_gate_half_precision(cuda, dtype, delta):
+    inputs = _gated_inputs((1, 2, 600, 64, 64), dtype, cuda, seed=2)
+    got = _run(delta, _gated(delta, "cuda"), inputs)
+    want = _run(delta, _gated(delta, "reference"), [x.double() for x in inputs])  # same rounding
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_rms(a, b) < 0.005, (name, _rel_rms(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gate_reruns_are_bit_identical(cuda, dtype):
+    inputs = _gated_inputs((2, 4, 700, 128, 64), dtype, cuda, seed=6)
+    for delta in (True, False):
+        a = _run(delta, _gated(delta, "cuda"), inputs)
+        b = _run(delta, _gated(delta, "cuda"), inputs)
+        for name, x, y in zip(_names(delta), a, b):
+            assert torch.equal(x, y), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_zero_gate_is_the_ungated_kernel(cuda, delta):
+    inputs = positive_inputs(1, 2, 300, 32, 48, device=cuda, seed=3)
+    got = _run(delta, _gated(delta, "cuda"), inputs + [torch.zeros(1, 2, 300, device=cuda)])
+    want = _run(delta, "cuda", inputs)
+    for name, a, b in zip(_names(delta), got, want):
+        assert _rel_max(a, b) < 1e-6, (name, _rel_max(a, b))

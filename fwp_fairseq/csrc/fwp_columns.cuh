@@ -30,28 +30,28 @@ template <typename Sh>
 struct ColumnInputs : Stages<Sh> {
   using scalar_t = typename Sh::scalar;
   using acc_t = typename Sh::acc_t;
-  Owner<Sh::R> o;                // this thread; its group owns value column o.own
+  Owner<Sh::R> o;                // this thread; its group owns value column o.own()
   const scalar_t *kg, *qg, *xg;  // k, q: (T, Dk) of this head; x: (T, Dv) from this tile's column
   const acc_t *bg, *ag;          // beta, a: (T) of this head, or nullptr
   int Dk, Dv;
 
   // Issue the copies of steps [t0, t0 + steps) into stage b (the body of chunk_loop's `stage`).
   FWP_DEVICE void operator()(long long t0, int steps, int b) const {
-    stage_rows(this->k(b), Sh::L, kg + t0 * Dk, Dk, steps, Dk, o.tid);
-    stage_rows(this->q(b), Sh::L, qg + t0 * Dk, Dk, steps, Dk, o.tid);
-    stage_rows(x(b), Sh::OUT, xg + t0 * Dv, Dv, steps, o.count, o.tid);
-    if (bg) stage_scalars(beta(b), bg + t0, steps, o.tid);
-    if (ag) stage_scalars(a(b), ag + t0, steps, o.tid);
+    stage_rows(this->k(b), Sh::L, kg + t0 * Dk, Dk, steps, Dk, o.tid());
+    stage_rows(this->q(b), Sh::L, qg + t0 * Dk, Dk, steps, Dk, o.tid());
+    stage_rows(x(b), Sh::OUT, xg + t0 * Dv, Dv, steps, o.count, o.tid());
+    if (bg) stage_scalars(beta(b), bg + t0, steps, o.tid());
+    if (ag) stage_scalars(a(b), ag + t0, steps, o.tid());
   }
   // Step s of stage b as this lane sees it: its PT entries of k_t and q_t; returns x_t of its
   // column.
   FWP_DEVICE acc_t step(int b, int s, acc_t (&kr)[Sh::PT], acc_t (&qr)[Sh::PT]) const {
 #pragma unroll
     for (int m = 0; m < Sh::NV; ++m) {
-      load4(this->k(b) + s * Sh::L + 4 * (o.g + Sh::R * m), kr + 4 * m);
-      load4(this->q(b) + s * Sh::L + 4 * (o.g + Sh::R * m), qr + 4 * m);
+      load4(this->k(b) + s * Sh::L + 4 * (o.g() + Sh::R * m), kr + 4 * m);
+      load4(this->q(b) + s * Sh::L + 4 * (o.g() + Sh::R * m), qr + 4 * m);
     }
-    return to_acc(x(b)[s * Sh::OUT + o.ol]);
+    return to_acc(x(b)[s * Sh::OUT + o.ol()]);
   }
   FWP_DEVICE scalar_t* x(int b) const { return this->template part<scalar_t>(b, Sh::x_off); }
   FWP_DEVICE acc_t* beta(int b) const { return this->template part<acc_t>(b, Sh::b_off); }
@@ -65,7 +65,7 @@ FWP_DEVICE ColumnInputs<Sh> column_inputs(unsigned char* smem, const P& p, const
   using scalar_t = typename Sh::scalar;
   using acc_t = typename Sh::acc_t;
   const Owner<Sh::R> o(p.ntiles, p.Dv);
-  zero_stages(smem, 2 * Sh::stage_bytes, o.tid);
+  zero_stages(smem, 2 * Sh::stage_bytes, o.tid());
   return {{smem},
           o,
           static_cast<const scalar_t*>(p.k) + o.bh * p.T * p.Dk,

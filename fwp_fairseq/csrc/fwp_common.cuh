@@ -173,14 +173,16 @@ FWP_DEVICE void group_sum(A (&x)[N]) {
 template <int R>
 struct Owner {
   static constexpr int OUT = kThreads / R;
-  int tid, g, ol;
   long long bh;
-  int first, count, own;  // the tile's first owner, owners in this tile, this group's owner
-  bool ok;                // this group's owner exists (the last tile may be partial)
+  int first, count;  // the tile's first owner, owners in this tile (the last tile may be partial)
   FWP_DEVICE Owner(int ntiles, int extent)
-      : tid(threadIdx.x), g(tid % R), ol(tid / R), bh(blockIdx.x / ntiles),
-        first(static_cast<int>(blockIdx.x % ntiles) * OUT), count(imin(OUT, extent - first)),
-        own(first + ol), ok(ol < count) {}
+      : bh(blockIdx.x / ntiles), first(static_cast<int>(blockIdx.x % ntiles) * OUT),
+        count(imin(OUT, extent - first)) {}
+  FWP_DEVICE int tid() const { return threadIdx.x; }
+  FWP_DEVICE int g() const { return tid() % R; }
+  FWP_DEVICE int ol() const { return tid() / R; }
+  FWP_DEVICE int own() const { return first + ol(); }  // this group's owner
+  FWP_DEVICE bool ok() const { return ol() < count; }  // this group's owner exists
 };
 
 // Register x = 4m + e of a lane holds entry 4 * (g + R * m) + e of its owner's entries.
@@ -191,17 +193,17 @@ template <int R, int PT, typename A>
 FWP_DEVICE void load_owned(A (&x)[PT], const A* src, long long stride, int n, const Owner<R>& o) {
 #pragma unroll
   for (int i = 0; i < PT; ++i) {
-    const int idx = owned_index<R>(o.g, i);
-    x[i] = (src && o.ok && idx < n) ? src[idx * stride] : A(0);
+    const int idx = owned_index<R>(o.g(), i);
+    x[i] = (src && o.ok() && idx < n) ? src[idx * stride] : A(0);
   }
 }
 
 template <int R, int PT, typename A>
 FWP_DEVICE void store_owned(A* dst, long long stride, int n, const Owner<R>& o, const A (&x)[PT]) {
-  if (!dst || !o.ok) return;
+  if (!dst || !o.ok()) return;
 #pragma unroll
   for (int i = 0; i < PT; ++i) {
-    const int idx = owned_index<R>(o.g, i);
+    const int idx = owned_index<R>(o.g(), i);
     if (idx < n) dst[idx * stride] = x[i];
   }
 }

@@ -37,7 +37,7 @@ struct RowInputs : Stages<Sh> {
   using scalar_t = typename Sh::scalar;
   using acc_t = typename Sh::acc_t;
   static constexpr int OUT = Sh::OUT, PT = Sh::PT;
-  Owner<Sh::R> o;           // this thread; its group owns key row o.own
+  Owner<Sh::R> o;           // this thread; its group owns key row o.own()
   const scalar_t *kg, *qg;  // (T, Dk) of this head, from this tile's first row
   const scalar_t* dg;       // do: (T, Dv)
   const acc_t *ug, *dag;    // u, da: (T, Dv); da nullptr for the sum rule
@@ -47,7 +47,7 @@ struct RowInputs : Stages<Sh> {
 
   // Issue the copies of steps [t0, t0 + steps) into stage b (the body of chunk_loop's `stage`).
   FWP_DEVICE void operator()(long long t0, int steps, int b) const {
-    const int tid = o.tid;
+    const int tid = o.tid();
     stage_rows(this->k(b), OUT, kg + t0 * Dk, Dk, steps, o.count, tid);
     stage_rows(this->q(b), OUT, qg + t0 * Dk, Dk, steps, o.count, tid);
     stage_rows(d(b), Sh::L, dg + t0 * Dv, Dv, steps, Dv, tid);
@@ -68,11 +68,11 @@ struct RowInputs : Stages<Sh> {
   // do_t, u_t and (delta rule) da_t.
   FWP_DEVICE void step(int b, int s, acc_t& ki, acc_t& qi, acc_t (&dd)[PT], acc_t (&uu)[PT],
                        acc_t (&aa)[PT]) const {
-    ki = to_acc(this->k(b)[s * OUT + o.ol]);
-    qi = to_acc(this->q(b)[s * OUT + o.ol]);
+    ki = to_acc(this->k(b)[s * OUT + o.ol()]);
+    qi = to_acc(this->q(b)[s * OUT + o.ol()]);
 #pragma unroll
     for (int m = 0; m < PT / 4; ++m) {
-      const int off = s * Sh::L + 4 * (o.g + Sh::R * m);
+      const int off = s * Sh::L + 4 * (o.g() + Sh::R * m);
       load4(d(b) + off, dd + 4 * m);
       load4(u(b) + off, uu + 4 * m);
       if constexpr (Sh::DELTA) load4(da(b) + off, aa + 4 * m);
@@ -88,7 +88,7 @@ FWP_DEVICE RowInputs<Sh> row_inputs(unsigned char* smem, const P& p) {
   using acc_t = typename Sh::acc_t;
   const Owner<Sh::R> o(p.ntiles, p.Dk);
   const long long T = p.T, Dk = p.Dk, Dv = p.Dv;
-  zero_stages(smem, 2 * Sh::stage_bytes, o.tid);
+  zero_stages(smem, 2 * Sh::stage_bytes, o.tid());
   return {{smem},
           o,
           static_cast<const scalar_t*>(p.k) + o.bh * T * Dk + o.first,
@@ -101,12 +101,12 @@ FWP_DEVICE RowInputs<Sh> row_inputs(unsigned char* smem, const P& p) {
           p.Dk, p.Dv};
 }
 
-// Row o.own of the exact state before step t0 (a multiple of ck_every) in the checkpoints
+// Row o.own() of the exact state before step t0 (a multiple of ck_every) in the checkpoints
 // (BH, ceil(T / ck_every), Dk, Dv).
 template <typename A, typename P, int R>
 FWP_DEVICE const A* checkpoint_row(const P& p, const Owner<R>& o, long long t0) {
   const long long nck = (p.T + p.ck_every - 1) / p.ck_every;
-  return static_cast<const A*>(p.ckpt) + ((o.bh * nck + t0 / p.ck_every) * p.Dk + o.own) * p.Dv;
+  return static_cast<const A*>(p.ckpt) + ((o.bh * nck + t0 / p.ck_every) * p.Dk + o.own()) * p.Dv;
 }
 
 }  // namespace fwp

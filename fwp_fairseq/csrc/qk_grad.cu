@@ -44,8 +44,8 @@ FWP_DEVICE void rebuild_sweep(const QkGradParams& p, const RowInputs<Sh>& in) {
   using acc_t = typename Sh::acc_t;
   constexpr int PT = Sh::PT, OUT = Sh::OUT;
   const auto& o = in.o;
-  const long long head_row = (o.bh * p.Dk + o.own) * static_cast<long long>(p.Dv);
-  acc_t S[PT], G[PT], Ck[PT];  // this lane's columns of row o.own: S_t, dL/dS_t, a checkpoint
+  const long long head_row = (o.bh * p.Dk + o.own()) * static_cast<long long>(p.Dv);
+  acc_t S[PT], G[PT], Ck[PT];  // this lane's columns of row o.own(): S_t, dL/dS_t, a checkpoint
   load_owned(S, static_cast<const acc_t*>(p.ht) + head_row, 1, p.Dv, o);
   load_owned(G, offset_or_null<acc_t>(p.dht, head_row), 1, p.Dv, o);
 
@@ -68,16 +68,16 @@ FWP_DEVICE void rebuild_sweep(const QkGradParams& p, const RowInputs<Sh>& in) {
         }
       }
       group_sum<Sh::R>(part);
-      if (o.g == 0) {
-        in.out(0)[s * OUT + o.ol] = part[0];
-        in.out(1)[s * OUT + o.ol] = part[1];
+      if (o.g() == 0) {
+        in.out(0)[s * OUT + o.ol()] = part[0];
+        in.out(1)[s * OUT + o.ol()] = part[1];
       }
     }
     __syncthreads();  // outputs staged; stage b fully read
 
     const long long at = (o.bh * p.T + t0) * p.Dk + o.first;
-    flush_rows<OUT>(static_cast<scalar_t*>(p.dq) + at, p.Dk, in.out(0), steps, o.count, o.tid);
-    flush_rows<OUT>(static_cast<scalar_t*>(p.dk) + at, p.Dk, in.out(1), steps, o.count, o.tid);
+    flush_rows<OUT>(static_cast<scalar_t*>(p.dq) + at, p.Dk, in.out(0), steps, o.count, o.tid());
+    flush_rows<OUT>(static_cast<scalar_t*>(p.dk) + at, p.Dk, in.out(1), steps, o.count, o.tid());
   });
 }
 
@@ -110,19 +110,19 @@ FWP_DEVICE void gated_sweeps(const QkGradParams& p, RowInputs<Sh>& in) {
           part[0] += S[x] * dd[x];
         }
         group_sum<Sh::R>(part);
-        if (o.g == 0) {
-          in.out(0)[s * OUT + o.ol] = part[0];
-          in.out(1)[s * OUT + o.ol] = part[1];
-          in.out(2)[s * OUT + o.ol] = qi * part[0] + ki * part[1];
+        if (o.g() == 0) {
+          in.out(0)[s * OUT + o.ol()] = part[0];
+          in.out(1)[s * OUT + o.ol()] = part[1];
+          in.out(2)[s * OUT + o.ol()] = qi * part[0] + ki * part[1];
         }
       }
       __syncthreads();  // outputs staged; stage b fully read
 
       const long long at = t0 * Dk;
       flush_rows<OUT>(static_cast<scalar_t*>(p.dq) + rows + at, Dk, in.out(0), steps, o.count,
-                      o.tid);
-      if (Sh::DELTA) flush_rows<OUT>(dkr + at, Dk, in.out(1), steps, o.count, o.tid);
-      flush_rows<OUT>(lam + at, Dk, in.out(2), steps, o.count, o.tid);
+                      o.tid());
+      if (Sh::DELTA) flush_rows<OUT>(dkr + at, Dk, in.out(1), steps, o.count, o.tid());
+      flush_rows<OUT>(lam + at, Dk, in.out(2), steps, o.count, o.tid());
     });
   }
   __syncthreads();  // sweep 1's rows are in global memory before sweep 2 reads them back
@@ -131,7 +131,7 @@ FWP_DEVICE void gated_sweeps(const QkGradParams& p, RowInputs<Sh>& in) {
   in.back[0] = lam;
   in.back[1] = dkr;
   acc_t G[PT], lam_sum = acc_t(0);
-  load_owned(G, offset_or_null<acc_t>(p.dht, (o.bh * Dk + o.own) * static_cast<long long>(p.Dv)),
+  load_owned(G, offset_or_null<acc_t>(p.dht, (o.bh * Dk + o.own()) * static_cast<long long>(p.Dv)),
              1, p.Dv, o);
   chunk_loop<Sh::TC, true>(p.T, in, [&](long long t0, int steps, int b) {
     const acc_t *ab = in.a(b), *lb = in.read_back(b, 0), *rb = in.read_back(b, 1);
@@ -147,19 +147,19 @@ FWP_DEVICE void gated_sweeps(const QkGradParams& p, RowInputs<Sh>& in) {
         G[x] *= ab[s];
       }
       group_sum<Sh::R>(part);
-      if (o.g == 0) {
-        const acc_t read = Sh::DELTA ? rb[s * OUT + o.ol] : acc_t(0);
-        lam_sum += lb[s * OUT + o.ol] - ki * part[0];
-        in.out(0)[s * OUT + o.ol] = part[0] + read;
-        in.out(1)[s * OUT + o.ol] = lam_sum;
+      if (o.g() == 0) {
+        const acc_t read = Sh::DELTA ? rb[s * OUT + o.ol()] : acc_t(0);
+        lam_sum += lb[s * OUT + o.ol()] - ki * part[0];
+        in.out(0)[s * OUT + o.ol()] = part[0] + read;
+        in.out(1)[s * OUT + o.ol()] = lam_sum;
       }
     }
     __syncthreads();  // outputs staged; stage b fully read
 
     const long long at = t0 * Dk;
     flush_rows<OUT>(static_cast<scalar_t*>(p.dk) + rows + at, Dk, in.out(0), steps, o.count,
-                    o.tid);
-    flush_rows<OUT>(lam + at, Dk, in.out(1), steps, o.count, o.tid);
+                    o.tid());
+    flush_rows<OUT>(lam + at, Dk, in.out(1), steps, o.count, o.tid());
   });
 }
 

@@ -31,15 +31,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdParams p) {
   const auto in = column_inputs<Sh>(smem, p, p.v);
   const auto& o = in.o;
   const int Dk = p.Dk, Dv = p.Dv;
-  const long long T = p.T, head = o.bh * Dk * Dv + o.own;
+  const long long T = p.T, head = o.bh * Dk * Dv + o.own();
 
-  acc_t S[PT];  // column o.own of the state
+  acc_t S[PT];  // column o.own() of the state
   load_owned(S, offset_or_null<acc_t>(p.h0, head), Dv, Dk, o);
   const long long nck = (T + p.ck_every - 1) / p.ck_every;
 
   chunk_loop<Sh::TC, false>(T, in, [&](long long t0, int steps, int b) {
     if (p.ckpt && t0 % p.ck_every == 0)  // the state before step t0
-      store_owned(static_cast<acc_t*>(p.ckpt) + (o.bh * nck + t0 / p.ck_every) * Dk * Dv + o.own,
+      store_owned(static_cast<acc_t*>(p.ckpt) + (o.bh * nck + t0 / p.ck_every) * Dk * Dv + o.own(),
                   Dv, Dk, o, S);
     const acc_t *bb = in.beta(b), *ab = in.a(b);
     for (int s = 0; s < steps; ++s) {
@@ -72,17 +72,17 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdParams p) {
 #pragma unroll
         for (int x = 0; x < PT; ++x) S[x] += kr[x] * u;
       }
-      if (o.g == 0) {
-        in.out(0)[s * OUT + o.ol] = sums[1] + sums[2] * u;
-        if constexpr (Sh::DELTA) in.out(1)[s * OUT + o.ol] = err;
+      if (o.g() == 0) {
+        in.out(0)[s * OUT + o.ol()] = sums[1] + sums[2] * u;
+        if constexpr (Sh::DELTA) in.out(1)[s * OUT + o.ol()] = err;
       }
     }
     __syncthreads();  // outputs staged; stage b fully read
 
     const long long at = (o.bh * T + t0) * Dv + o.first;
-    flush_rows<OUT>(static_cast<scalar_t*>(p.o) + at, Dv, in.out(0), steps, o.count, o.tid);
+    flush_rows<OUT>(static_cast<scalar_t*>(p.o) + at, Dv, in.out(0), steps, o.count, o.tid());
     if (Sh::DELTA && p.err)
-      flush_rows<OUT>(static_cast<acc_t*>(p.err) + at, Dv, in.out(1), steps, o.count, o.tid);
+      flush_rows<OUT>(static_cast<acc_t*>(p.err) + at, Dv, in.out(1), steps, o.count, o.tid());
   });
 
   store_owned(offset_or_null<acc_t>(p.ht, head), Dv, Dk, o, S);

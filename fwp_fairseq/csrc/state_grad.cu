@@ -30,9 +30,9 @@ __global__ void __launch_bounds__(kThreads) state_grad_kernel(StateGradParams p)
   const auto in = column_inputs<Sh>(smem, p, p.dout);
   const auto& o = in.o;
   constexpr int R = Sh::R, PT = Sh::PT, OUT = Sh::OUT;
-  const long long T = p.T, head = o.bh * p.Dk * p.Dv + o.own;
+  const long long T = p.T, head = o.bh * p.Dk * p.Dv + o.own();
 
-  acc_t G[PT];  // column o.own of dL/dS_t
+  acc_t G[PT];  // column o.own() of dL/dS_t
   load_owned(G, offset_or_null<acc_t>(p.dht, head), p.Dv, p.Dk, o);
 
   chunk_loop<Sh::TC, true>(T, in, [&](long long t0, int steps, int b) {
@@ -57,11 +57,11 @@ __global__ void __launch_bounds__(kThreads) state_grad_kernel(StateGradParams p)
 #pragma unroll
         for (int x = 0; x < PT; ++x) G[x] *= ab[s];
       }
-      if (o.g == 0) in.out(0)[s * OUT + o.ol] = du[0];
+      if (o.g() == 0) in.out(0)[s * OUT + o.ol()] = du[0];
     }
     __syncthreads();  // du staged; stage b fully read
     flush_rows<OUT>(static_cast<acc_t*>(p.du) + (o.bh * T + t0) * p.Dv + o.first, p.Dv, in.out(0),
-                    steps, o.count, o.tid);
+                    steps, o.count, o.tid());
   });
 
   store_owned(offset_or_null<acc_t>(p.dh0, head), p.Dv, p.Dk, o, G);
