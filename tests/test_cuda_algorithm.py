@@ -173,8 +173,10 @@ def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delt
         _close(grads[name], grads_r[name], 1e-5)
 
 
-def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints):
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints, gated):
     inputs = positive_inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
+    inputs += [log_decay(1, 1, 19)] if gated else []
     a = _run(_emu_fn(emu, True), inputs, True)
     b = _run(_emu_fn(emu, True), inputs, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -234,15 +236,6 @@ def test_emulated_gate_fp32_padding_no_initial_state(emu, delta):
 def test_emulated_gate_many_restarts_and_wide_rows(emu, short_checkpoints, delta):
     # 256-wide value rows (the 8-row tiles of pass B) and a restart every 16 steps.
     _check_gated(emu, (1, 1, 40, 24, 136), delta, torch.float64, 1e-10, seed=2)
-
-
-def test_emulated_gate_is_bit_reproducible(emu):
-    inputs = positive_inputs(1, 1, 70, 16, 16, torch.float32, seed=5) + [log_decay(1, 1, 70)]
-    a = _run(_emu_fn(emu, True), inputs, True)
-    b = _run(_emu_fn(emu, True), inputs, True)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for name in a[2]:
-        assert torch.equal(a[2][name], b[2][name])
 
 
 def test_emulated_gate_of_zero_is_the_ungated_rule(emu):

@@ -82,6 +82,29 @@ def test_supported_shapes_and_dtypes():
 
 # ---------------------------------------------------------------- GPU
 
+def _gated(delta, impl):
+    """(q, k, v, beta, h0, g) -> (o, final state) of the rule with the forget gate a_t = exp(g_t):
+    the CUDA kernels or the stepwise reference."""
+    if impl == "reference":
+        return lambda q, k, v, b, h0, g: gated_reference(q, k, v, b if delta else None, h0, g)
+    if delta:
+        return lambda q, k, v, b, h0, g: cuda_backend.delta_rule_cuda(q, k, v, b, h0, True, g=g)
+    return lambda q, k, v, b, h0, g: cuda_backend.sum_rule_cuda(q, k, v, h0, True, g=g)
+
+
+def _impl(delta, impl, gated):
+    return _gated(delta, impl) if gated else impl
+
+
+def _inputs(shape, dtype, device, gated, seed=0):
+    """positive_inputs, and for the gated rule a log-decay g down to -5 after them."""
+    xs = positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
+    return xs + [log_decay(*shape[:3], dtype=dtype, device=device, seed=seed)] if gated else xs
+
+
+GATED = pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+
+
 @pytest.fixture(scope="module")
 def cuda():
     ok, why = cuda_available()
@@ -104,37 +127,43 @@ SHAPES = [
 
 
 @pytest.mark.gpu
+@GATED
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_matches_fp64_reference(cuda, shape, delta):
-    inputs = positive_inputs(*shape, dtype=torch.float32, device=cuda)
-    got = _run(delta, "cuda", inputs)
-    want = _run(delta, "reference", [x.double() for x in inputs])
+def test_fp32_matches_fp64_reference(cuda, shape, delta, gated):
+    inputs = _inputs(shape, torch.float32, cuda, gated)
+    got = _run(delta, _impl(delta, "cuda", gated), inputs)
+    want = _run(delta, _impl(delta, "reference", gated), [x.double() for x in inputs])
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert len(got) == len(_names(delta)) - (not gated)  # dg when gated
     for name, a, b in zip(_names(delta), got, want):
         assert _rel_max(a, b) < 1e-5, (name, _rel_max(a, b))
 
 
 @pytest.mark.gpu
+@GATED
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", [(1, 2, 300, 24, 40), (1, 1, 70, 512, 256)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_fp64_matches_reference(cuda, shape, delta):
-    inputs = positive_inputs(*shape, dtype=torch.float64, device=cuda)
-    got = _run(delta, "cuda", inputs)
-    want = _run(delta, "reference", inputs)
+def test_fp64_matches_reference(cuda, shape, delta, gated):
+    inputs = _inputs(shape, torch.float64, cuda, gated)
+    got = _run(delta, _impl(delta, "cuda", gated), inputs)
+    want = _run(delta, _impl(delta, "reference", gated), inputs)
     assert got[1].dtype == torch.float64
     for name, a, b in zip(_names(delta), got, want):
         assert _rel_max(a, b) < 1e-10, (name, _rel_max(a, b))
 
 
 @pytest.mark.gpu
+@GATED
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
-def test_half_precision_long_sequence(cuda, dtype, delta):
-    inputs = positive_inputs(1, 2, 4096, 64, 64, dtype=dtype, device=cuda, seed=2)
-    got = _run(delta, "cuda", inputs)
-    want = _run(delta, "chunked", [x.float() for x in inputs])  # fp32 on the same rounded inputs
+def test_half_precision_long_sequence(cuda, dtype, delta, gated):
+    # gated: against the stepwise reference (fp64), on a shorter sequence
+    inputs = _inputs((1, 2, 1024 if gated else 4096, 64, 64), dtype, cuda, gated, seed=2)
+    got = _run(delta, _impl(delta, "cuda", gated), inputs)
+    ref, ref_dtype = ("reference", torch.float64) if gated else ("chunked", torch.float32)
+    want = _run(delta, _impl(delta, ref, gated), [x.to(ref_dtype) for x in inputs])  # same rounding
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     for name, a, b in zip(_names(delta), got, want):
         assert _rel_rms(a, b) < 0.005, (name, _rel_rms(a, b))
@@ -153,12 +182,13 @@ def test_state_carry_equals_one_pass(cuda, delta):
 
 
 @pytest.mark.gpu
+@GATED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_reruns_are_bit_identical(cuda, dtype):
-    inputs = positive_inputs(2, 4, 700, 128, 64, dtype=dtype, device=cuda, seed=6)
+def test_reruns_are_bit_identical(cuda, dtype, gated):
+    inputs = _inputs((2, 4, 700, 128, 64), dtype, cuda, gated, seed=6)
     for delta in (True, False):
-        a = _run(delta, "cuda", inputs)
-        b = _run(delta, "cuda", inputs)
+        a = _run(delta, _impl(delta, "cuda", gated), inputs)
+        b = _run(delta, _impl(delta, "cuda", gated), inputs)
         for name, x, y in zip(_names(delta), a, b):
             assert torch.equal(x, y), name
 
@@ -192,68 +222,6 @@ def test_too_large_dims_raise(cuda):
     q, k, v, beta, _ = positive_inputs(1, 1, 4, 520, 8, device=cuda)
     with pytest.raises(ValueError, match="512"):
         fast_weight_delta(q, k, v, beta, impl="cuda")
-
-
-# ---------------------------------------------------------------- GPU, forget gate a_t = exp(g_t)
-
-def _gated(delta, impl):
-    """(q, k, v, beta, h0, g) -> (o, final state): the CUDA kernels or the stepwise reference."""
-    if impl == "reference":
-        return lambda q, k, v, b, h0, g: gated_reference(q, k, v, b if delta else None, h0, g)
-    if delta:
-        return lambda q, k, v, b, h0, g: cuda_backend.delta_rule_cuda(q, k, v, b, h0, True, g=g)
-    return lambda q, k, v, b, h0, g: cuda_backend.sum_rule_cuda(q, k, v, h0, True, g=g)
-
-
-def _gated_inputs(shape, dtype, device, seed=0):
-    return (positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
-            + [log_decay(*shape[:3], dtype=dtype, device=device, seed=seed)])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gate_fp32_matches_fp64_reference(cuda, shape, delta):
-    inputs = _gated_inputs(shape, torch.float32, cuda)
-    got = _run(delta, _gated(delta, "cuda"), inputs)
-    want = _run(delta, _gated(delta, "reference"), [x.double() for x in inputs])
-    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    assert len(got) == len(_names(delta))  # dg included
-    for name, a, b in zip(_names(delta), got, want):
-        assert _rel_max(a, b) < 1e-5, (name, _rel_max(a, b))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
-def test_gate_fp64_matches_reference(cuda, delta):
-    inputs = _gated_inputs((1, 2, 300, 24, 40), torch.float64, cuda)
-    got = _run(delta, _gated(delta, "cuda"), inputs)
-    want = _run(delta, _gated(delta, "reference"), inputs)
-    for name, a, b in zip(_names(delta), got, want):
-        assert _rel_max(a, b) < 1e-10, (name, _rel_max(a, b))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
-def test_gate_half_precision(cuda, dtype, delta):
-    inputs = _gated_inputs((1, 2, 600, 64, 64), dtype, cuda, seed=2)
-    got = _run(delta, _gated(delta, "cuda"), inputs)
-    want = _run(delta, _gated(delta, "reference"), [x.double() for x in inputs])  # same rounding
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    for name, a, b in zip(_names(delta), got, want):
-        assert _rel_rms(a, b) < 0.005, (name, _rel_rms(a, b))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gate_reruns_are_bit_identical(cuda, dtype):
-    inputs = _gated_inputs((2, 4, 700, 128, 64), dtype, cuda, seed=6)
-    for delta in (True, False):
-        a = _run(delta, _gated(delta, "cuda"), inputs)
-        b = _run(delta, _gated(delta, "cuda"), inputs)
-        for name, x, y in zip(_names(delta), a, b):
-            assert torch.equal(x, y), name
 
 
 @pytest.mark.gpu
