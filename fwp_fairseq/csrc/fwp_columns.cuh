@@ -48,10 +48,10 @@ struct ColumnInputs : Stages<Sh> {
   FWP_DEVICE acc_t step(int b, int s, acc_t (&kr)[Sh::PT], acc_t (&qr)[Sh::PT]) const {
 #pragma unroll
     for (int m = 0; m < Sh::NV; ++m) {
-      load4(this->k(b) + s * Sh::L + 4 * (o.g() + Sh::R * m), kr + 4 * m);
-      load4(this->q(b) + s * Sh::L + 4 * (o.g() + Sh::R * m), qr + 4 * m);
+      load4(this->k(b) + s * Sh::L + 4 * (o.g + Sh::R * m), kr + 4 * m);
+      load4(this->q(b) + s * Sh::L + 4 * (o.g + Sh::R * m), qr + 4 * m);
     }
-    return to_acc(x(b)[s * Sh::OUT + o.ol()]);
+    return to_acc(x(b)[s * Sh::OUT + o.ol]);
   }
   FWP_DEVICE scalar_t* x(int b) const { return this->template part<scalar_t>(b, Sh::x_off); }
   FWP_DEVICE acc_t* beta(int b) const { return this->template part<acc_t>(b, Sh::b_off); }

@@ -168,21 +168,21 @@ FWP_DEVICE void group_sum(A (&x)[N]) {
 
 // ---- the layout every kernel shares ----
 
-// This thread: lane g of the group of R lanes that owns entry `own` (a column of S in the forward
-// and pass A, a row of S in pass B) of a tile of OUT = kThreads / R owners of head bh.
+// This thread: lane g of group ol, the R lanes that own entry own() (a column of S in the forward
+// and pass A, a row of S in pass B) of a tile of OUT = kThreads / R owners of head bh. tid, own
+// and ok are derived, not stored: fewer live registers.
 template <int R>
 struct Owner {
   static constexpr int OUT = kThreads / R;
+  int g, ol;
   long long bh;
   int first, count;  // the tile's first owner, owners in this tile (the last tile may be partial)
   FWP_DEVICE Owner(int ntiles, int extent)
-      : bh(blockIdx.x / ntiles), first(static_cast<int>(blockIdx.x % ntiles) * OUT),
-        count(imin(OUT, extent - first)) {}
+      : g(threadIdx.x % R), ol(threadIdx.x / R), bh(blockIdx.x / ntiles),
+        first(static_cast<int>(blockIdx.x % ntiles) * OUT), count(imin(OUT, extent - first)) {}
   FWP_DEVICE int tid() const { return threadIdx.x; }
-  FWP_DEVICE int g() const { return tid() % R; }
-  FWP_DEVICE int ol() const { return tid() / R; }
-  FWP_DEVICE int own() const { return first + ol(); }  // this group's owner
-  FWP_DEVICE bool ok() const { return ol() < count; }  // this group's owner exists
+  FWP_DEVICE int own() const { return first + ol; }  // this group's owner
+  FWP_DEVICE bool ok() const { return ol < count; }  // this group's owner exists
 };
 
 // Register x = 4m + e of a lane holds entry 4 * (g + R * m) + e of its owner's entries.
@@ -193,7 +193,7 @@ template <int R, int PT, typename A>
 FWP_DEVICE void load_owned(A (&x)[PT], const A* src, long long stride, int n, const Owner<R>& o) {
 #pragma unroll
   for (int i = 0; i < PT; ++i) {
-    const int idx = owned_index<R>(o.g(), i);
+    const int idx = owned_index<R>(o.g, i);
     x[i] = (src && o.ok() && idx < n) ? src[idx * stride] : A(0);
   }
 }
@@ -203,7 +203,7 @@ FWP_DEVICE void store_owned(A* dst, long long stride, int n, const Owner<R>& o, 
   if (!dst || !o.ok()) return;
 #pragma unroll
   for (int i = 0; i < PT; ++i) {
-    const int idx = owned_index<R>(o.g(), i);
+    const int idx = owned_index<R>(o.g, i);
     if (idx < n) dst[idx * stride] = x[i];
   }
 }

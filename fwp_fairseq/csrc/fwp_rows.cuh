@@ -68,11 +68,11 @@ struct RowInputs : Stages<Sh> {
   // do_t, u_t and (delta rule) da_t.
   FWP_DEVICE void step(int b, int s, acc_t& ki, acc_t& qi, acc_t (&dd)[PT], acc_t (&uu)[PT],
                        acc_t (&aa)[PT]) const {
-    ki = to_acc(this->k(b)[s * OUT + o.ol()]);
-    qi = to_acc(this->q(b)[s * OUT + o.ol()]);
+    ki = to_acc(this->k(b)[s * OUT + o.ol]);
+    qi = to_acc(this->q(b)[s * OUT + o.ol]);
 #pragma unroll
     for (int m = 0; m < PT / 4; ++m) {
-      const int off = s * Sh::L + 4 * (o.g() + Sh::R * m);
+      const int off = s * Sh::L + 4 * (o.g + Sh::R * m);
       load4(d(b) + off, dd + 4 * m);
       load4(u(b) + off, uu + 4 * m);
       if constexpr (Sh::DELTA) load4(da(b) + off, aa + 4 * m);

@@ -68,9 +68,9 @@ FWP_DEVICE void rebuild_sweep(const QkGradParams& p, const RowInputs<Sh>& in) {
         }
       }
       group_sum<Sh::R>(part);
-      if (o.g() == 0) {
-        in.out(0)[s * OUT + o.ol()] = part[0];
-        in.out(1)[s * OUT + o.ol()] = part[1];
+      if (o.g == 0) {
+        in.out(0)[s * OUT + o.ol] = part[0];
+        in.out(1)[s * OUT + o.ol] = part[1];
       }
     }
     __syncthreads();  // outputs staged; stage b fully read
@@ -110,10 +110,10 @@ FWP_DEVICE void gated_sweeps(const QkGradParams& p, RowInputs<Sh>& in) {
           part[0] += S[x] * dd[x];
         }
         group_sum<Sh::R>(part);
-        if (o.g() == 0) {
-          in.out(0)[s * OUT + o.ol()] = part[0];
-          in.out(1)[s * OUT + o.ol()] = part[1];
-          in.out(2)[s * OUT + o.ol()] = qi * part[0] + ki * part[1];
+        if (o.g == 0) {
+          in.out(0)[s * OUT + o.ol] = part[0];
+          in.out(1)[s * OUT + o.ol] = part[1];
+          in.out(2)[s * OUT + o.ol] = qi * part[0] + ki * part[1];
         }
       }
       __syncthreads();  // outputs staged; stage b fully read
@@ -147,11 +147,11 @@ FWP_DEVICE void gated_sweeps(const QkGradParams& p, RowInputs<Sh>& in) {
         G[x] *= ab[s];
       }
       group_sum<Sh::R>(part);
-      if (o.g() == 0) {
-        const acc_t read = Sh::DELTA ? rb[s * OUT + o.ol()] : acc_t(0);
-        lam_sum += lb[s * OUT + o.ol()] - ki * part[0];
-        in.out(0)[s * OUT + o.ol()] = part[0] + read;
-        in.out(1)[s * OUT + o.ol()] = lam_sum;
+      if (o.g == 0) {
+        const acc_t read = Sh::DELTA ? rb[s * OUT + o.ol] : acc_t(0);
+        lam_sum += lb[s * OUT + o.ol] - ki * part[0];
+        in.out(0)[s * OUT + o.ol] = part[0] + read;
+        in.out(1)[s * OUT + o.ol] = lam_sum;
       }
     }
     __syncthreads();  // outputs staged; stage b fully read

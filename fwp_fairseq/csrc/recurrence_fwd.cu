@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdParams p) {
 #pragma unroll
         for (int x = 0; x < PT; ++x) S[x] += kr[x] * u;
       }
-      if (o.g() == 0) {
-        in.out(0)[s * OUT + o.ol()] = sums[1] + sums[2] * u;
-        if constexpr (Sh::DELTA) in.out(1)[s * OUT + o.ol()] = err;
+      if (o.g == 0) {
+        in.out(0)[s * OUT + o.ol] = sums[1] + sums[2] * u;
+        if constexpr (Sh::DELTA) in.out(1)[s * OUT + o.ol] = err;
       }
     }
     __syncthreads();  // outputs staged; stage b fully read

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) state_grad_kernel(StateGradParams p)
 #pragma unroll
         for (int x = 0; x < PT; ++x) G[x] *= ab[s];
       }
-      if (o.g() == 0) in.out(0)[s * OUT + o.ol()] = du[0];
+      if (o.g == 0) in.out(0)[s * OUT + o.ol] = du[0];
     }
     __syncthreads();  // du staged; stage b fully read
     flush_rows<OUT>(static_cast<acc_t*>(p.du) + (o.bh * T + t0) * p.Dv + o.first, p.Dv, in.out(0),
