@@ -54,6 +54,23 @@ def positive_inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
 
 
+def skewed_log_decay(B, H, T, dtype=torch.float32, device="cpu", seed=0, low=-5.0):
+    """A forget gate's log-decay g (B, H, T) in [low, 0] (a_t = exp(g_t) from 1 down to
+    exp(low)), skewed towards mild decays so that some state survives many steps (the CUDA tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = low * torch.rand(B, H, T, generator=gen, dtype=torch.float64) ** 2
+    return g.to(device=device, dtype=dtype)
+
+
+def gated_reference(q, k, v, beta, h0, g):
+    """The ops' step-by-step gated rule (beta None: the sum rule) -> (o, final state)."""
+    from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
+    from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
+    if beta is None:
+        return sum_rule_reference(q, k, v, h0, True, g=g)
+    return delta_rule_reference(q, k, v, beta, h0, True, g=g)
+
+
 def rel_err(a, b):
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()

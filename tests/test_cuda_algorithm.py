@@ -18,11 +18,12 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import loss_grads, positive_inputs, rel_err
+from helpers import gated_reference, positive_inputs, skewed_log_decay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
-HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_emu.h")
+HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fwp_launch.cuh",
+           "fwp_emu.h")
 CODES = {torch.float32: 0, torch.float64: 3}
 
 
@@ -51,9 +52,9 @@ class Emulator:
         P, L, I = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
         self.lib = lib
         for name, args in (
-            ("fwp_forward", [I, I] + [P] * 9 + [L, L, I, I, I, P]),
-            ("fwp_state_grad", [I, I] + [P] * 7 + [L, L, I, I, P]),
-            ("fwp_qk_grad", [I, I] + [P] * 10 + [L, L, I, I, I, P]),
+            ("fwp_forward", [I, I] + [P] * 10 + [L, L, I, I, I, P]),
+            ("fwp_state_grad", [I, I] + [P] * 8 + [L, L, I, I, P]),
+            ("fwp_qk_grad", [I, I] + [P] * 13 + [L, L, I, I, I, P]),
         ):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_char_p
@@ -70,24 +71,25 @@ class Emulator:
         if err is not None:
             raise RuntimeError(err.decode())
 
-    def forward(self, q, k, v, beta, h0, o, ht, ckpt, err, ck_every, delta, stream):
+    def forward(self, q, k, v, beta, a, h0, o, ht, ckpt, err, ck_every, delta, stream):
         p = self._p
         self._check(self.lib.fwp_forward(CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta),
-                                         p(h0), p(o), p(ht), p(ckpt), p(err), q.shape[0],
+                                         p(a), p(h0), p(o), p(ht), p(ckpt), p(err), q.shape[0],
                                          q.shape[1], q.shape[2], v.shape[2], ck_every, None))
 
-    def state_grad(self, q, k, dout, beta, dht, du, dh0, delta, stream):
+    def state_grad(self, q, k, dout, beta, a, dht, du, dh0, delta, stream):
         p = self._p
         self._check(self.lib.fwp_state_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout),
-                                            p(beta), p(dht), p(du), p(dh0), q.shape[0],
+                                            p(beta), p(a), p(dht), p(du), p(dh0), q.shape[0],
                                             q.shape[1], q.shape[2], dout.shape[2], None))
 
-    def qk_grad(self, q, k, dout, u, da, ht, dht, ckpt, dq, dk, ck_every, delta, stream):
+    def qk_grad(self, q, k, dout, u, da, a, ht, dht, ckpt, dq, dk, dkr, lam, ck_every, delta,
+                stream):
         p = self._p
         self._check(self.lib.fwp_qk_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout), p(u),
-                                         p(da), p(ht), p(dht), p(ckpt), p(dq), p(dk),
-                                         q.shape[0], q.shape[1], q.shape[2], dout.shape[2],
-                                         ck_every, None))
+                                         p(da), p(a), p(ht), p(dht), p(ckpt), p(dq), p(dk),
+                                         p(dkr), p(lam), q.shape[0], q.shape[1], q.shape[2],
+                                         dout.shape[2], ck_every, None))
 
 
 @pytest.fixture(scope="module")
@@ -101,58 +103,85 @@ def short_checkpoints(monkeypatch):
     monkeypatch.setattr(cuda_backend, "CK_EVERY", 16)
 
 
-def _run(fn, inputs, with_h0=True):
-    q, k, v, beta, h0 = inputs
-    return loss_grads(fn, [q, k, v, beta, h0 if with_h0 else None])
+def _run(fn, inputs, delta, with_h0=True):
+    """Outputs and the gradients of a fixed random loss on (o, final state). inputs: q, k, v,
+    beta, h0 and, gated, g."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    q, k, v, beta, h0 = xs[:5]
+    h0 = h0 if with_h0 else None
+    o, ht = fn(q, k, v, beta, h0, *xs[5:]) if delta else fn(q, k, v, h0, *xs[5:])
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
+    ((o * wo).sum() + (ht * wh).sum()).backward()
+    names = ["q", "k", "v", "beta", "h0", "g"]
+    grads = {n: x.grad for n, x in zip(names, xs) if x.grad is not None}
+    return o.detach(), ht.detach(), grads
 
 
 def _emu_fn(emu, delta):
-    return lambda q, k, v, b, h0: cuda_backend._apply(emu, q, k, v, b if delta else None, h0, True, delta)
+    if delta:
+        return lambda q, k, v, b, h0, *g: cuda_backend._apply(emu, q, k, v, b, h0, True, True, *g)
+    return lambda q, k, v, h0, *g: cuda_backend._apply(emu, q, k, v, None, h0, True, False, *g)
 
 
 def _ref_fn(delta):
     if delta:
         return lambda q, k, v, b, h0: delta_rule_reference(q, k, v, b, h0, True)
-    return lambda q, k, v, b, h0: sum_rule_reference(q, k, v, h0, True)
+    return lambda q, k, v, h0: sum_rule_reference(q, k, v, h0, True)
 
 
-def _assert_close(got, want, tol, grad_tol):
-    """Outputs and final state within tol of want, every gradient within grad_tol."""
-    assert got.keys() == want.keys()
-    for name in want:
-        err = rel_err(got[name], want[name])
-        assert err < (tol if name in ("o", "final") else grad_tol), (name, err)
+def _close(a, b, tol):
+    scale = b.abs().max().clamp_min(1e-12)
+    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
 
 
 # (B, H, T, Dk, Dv): chunk tails, partial value tiles, Python-side padding, T = 1, the 256/512
 # key tiles and the 128/256 value tiles of the q/k gradient pass.
-SHAPES = [(1, 2, 37, 16, 24), (2, 1, 1, 8, 8), (1, 1, 21, 12, 10), (1, 1, 9, 136, 72),
-          (1, 1, 5, 512, 136)]
+SHAPES = [
+    (1, 2, 37, 16, 24),
+    (2, 1, 1, 8, 8),
+    (1, 1, 21, 12, 10),
+    (1, 1, 9, 136, 72),
+    (1, 1, 5, 512, 136),
+]
 
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, delta):
     inputs = positive_inputs(*shape, torch.float64)
-    _assert_close(_run(_emu_fn(emu, delta), inputs), _run(_ref_fn(delta), inputs), 1e-10, 1e-9)
+    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta)
+    o_r, ht_r, grads_r = _run(_ref_fn(delta), inputs, delta)
+    _close(o, o_r, 1e-10)
+    _close(ht, ht_r, 1e-10)
+    assert grads.keys() == grads_r.keys()
+    for name in grads_r:
+        _close(grads[name], grads_r[name], 1e-9)
 
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delta):
     inputs = positive_inputs(1, 1, 40, 64, 32, torch.float32, seed=3)
-    got = _run(_emu_fn(emu, delta), inputs, with_h0=False)
-    want = _run(_ref_fn(delta), [x.double() for x in inputs], with_h0=False)
-    assert got["o"].dtype == torch.float32 and got["final"].dtype == torch.float32
-    _assert_close(got, want, 1e-5, 1e-5)
+    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0=False)
+    ref_inputs = [x.double() for x in inputs]
+    o_r, ht_r, grads_r = _run(_ref_fn(delta), ref_inputs, delta, with_h0=False)
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32
+    _close(o, o_r, 1e-5)
+    _close(ht, ht_r, 1e-5)
+    for name in grads_r:
+        _close(grads[name], grads_r[name], 1e-5)
 
 
-def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints):
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints, gated):
     inputs = positive_inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
-    a = _run(_emu_fn(emu, True), inputs)
-    b = _run(_emu_fn(emu, True), inputs)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    inputs += [skewed_log_decay(1, 1, 19)] if gated else []
+    a = _run(_emu_fn(emu, True), inputs, True)
+    b = _run(_emu_fn(emu, True), inputs, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name])
 
 
 def test_emulated_forward_without_grad_stores_nothing(emu):
@@ -160,8 +189,8 @@ def test_emulated_forward_without_grad_stores_nothing(emu):
     with torch.no_grad():
         o, ht = cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
     assert ht is None
-    want = delta_rule_reference(q.double(), k.double(), v.double(), beta.double(), h0.double())[0]
-    assert rel_err(o, want) < 1e-5
+    _close(o, delta_rule_reference(q.double(), k.double(), v.double(), beta.double(),
+                                   h0.double())[0], 1e-5)
 
 
 def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):
@@ -169,3 +198,58 @@ def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):
     q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
     with pytest.raises(RuntimeError, match="ck_every"):
         cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
+
+
+# ---------------------------------------------------------------- the forget gate a_t = exp(g_t)
+
+def _gated_ref_fn(delta):
+    if delta:
+        return gated_reference
+    return lambda q, k, v, h0, g: gated_reference(q, k, v, None, h0, g)
+
+
+def _check_gated(emu, shape, delta, dtype, tol, with_h0=True, seed=0):
+    inputs = positive_inputs(*shape, dtype, seed=seed) + [skewed_log_decay(*shape[:3], dtype, seed=seed)]
+    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0)
+    o_r, ht_r, grads_r = _run(_gated_ref_fn(delta), [x.double() for x in inputs], delta, with_h0)
+    assert o.dtype == dtype and ht.dtype == dtype
+    _close(o, o_r, tol)
+    _close(ht, ht_r, tol)
+    assert grads.keys() == grads_r.keys() and "g" in grads
+    for name in grads_r:
+        _close(grads[name], grads_r[name], tol)
+
+
+# T around the 64-step chunks and past the 128-step checkpoint (a restart in the backward).
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+def test_emulated_gate_matches_stepwise_reference_fp64(emu, T, delta):
+    _check_gated(emu, (1, 1, T, 16, 24), delta, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_emulated_gate_fp32_padding_no_initial_state(emu, delta):
+    _check_gated(emu, (1, 2, 200, 12, 20), delta, torch.float32, 1e-5, with_h0=False, seed=1)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_emulated_gate_many_restarts_and_wide_rows(emu, short_checkpoints, delta):
+    # 256-wide value rows (the 8-row tiles of pass B) and a restart every 16 steps.
+    _check_gated(emu, (1, 1, 40, 24, 136), delta, torch.float64, 1e-10, seed=2)
+
+
+def test_emulated_gate_of_zero_is_the_ungated_rule(emu):
+    inputs = positive_inputs(1, 1, 30, 16, 16, torch.float64, seed=6)
+    o, ht, grads = _run(_emu_fn(emu, True), inputs + [torch.zeros(1, 1, 30, dtype=torch.float64)],
+                        True)
+    o_u, ht_u, grads_u = _run(_emu_fn(emu, True), inputs, True)
+    _close(o, o_u, 1e-12)
+    _close(ht, ht_u, 1e-12)
+    for name in grads_u:
+        _close(grads[name], grads_u[name], 1e-12)
+
+
+def test_bad_gate_shape_is_refused(emu):
+    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="g must have shape"):
+        cuda_backend._apply(emu, q, k, v, beta, h0, False, True, torch.zeros(1, 1, 6))

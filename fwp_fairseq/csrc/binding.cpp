@@ -50,8 +50,8 @@ void raise_on(const char* err) { TORCH_CHECK(err == nullptr, err ? err : ""); }
 
 // q, k: (BH, T, Dk); v, o: (BH, T, Dv). Fills o, ht and (if given) ckpt, err.
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& beta,
-             const OptT& h0, const at::Tensor& o, const at::Tensor& ht, const OptT& ckpt, const OptT& err,
-             int64_t ck_every, bool delta, int64_t stream) {
+             const OptT& a, const OptT& h0, const at::Tensor& o, const at::Tensor& ht,
+             const OptT& ckpt, const OptT& err, int64_t ck_every, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
   check(q, "q", q, q.scalar_type());
   check(k, "k", q, q.scalar_type());
@@ -60,7 +60,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   check(ht, "ht", q, acc);
   TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "fwp: q and v must be (BH, T, D)");
   raise_on(fwp_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                       opt_ptr(beta, "beta", q, acc), opt_ptr(h0, "h0", q, acc), o.data_ptr(),
+                       opt_ptr(beta, "beta", q, acc), opt_ptr(a, "a", q, acc),
+                       opt_ptr(h0, "h0", q, acc), o.data_ptr(),
                        ht.data_ptr(), const_cast<void*>(opt_ptr(ckpt, "ckpt", q, acc)),
                        const_cast<void*>(opt_ptr(err, "err", q, acc)), q.size(0), q.size(1),
                        static_cast<int>(q.size(2)), static_cast<int>(v.size(2)),
@@ -69,48 +70,49 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 
 // Pass A: du (BH, T, Dv) and, if given, dh0.
 void state_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
-                const OptT& beta, const OptT& dht, const at::Tensor& du, const OptT& dh0, bool delta,
-                int64_t stream) {
+                const OptT& beta, const OptT& a, const OptT& dht, const at::Tensor& du,
+                const OptT& dh0, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
   check(q, "q", q, q.scalar_type());
   check(k, "k", q, q.scalar_type());
   check(dout, "dout", q, q.scalar_type());
   check(du, "du", q, acc);
   raise_on(fwp_state_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
-                          opt_ptr(beta, "beta", q, acc), opt_ptr(dht, "dht", q, acc),
+                          opt_ptr(beta, "beta", q, acc), opt_ptr(a, "a", q, acc),
+                          opt_ptr(dht, "dht", q, acc),
                           du.data_ptr(), const_cast<void*>(opt_ptr(dh0, "dh0", q, acc)),
                           q.size(0), q.size(1), static_cast<int>(q.size(2)),
                           static_cast<int>(dout.size(2)),
                           reinterpret_cast<void*>(stream)));
 }
 
-// Pass B: dq and dk (BH, T, Dk).
+// Pass B: dq and dk (BH, T, Dk); gated also lam (BH, T, Dk), with the scratch dkr (delta rule).
 void qk_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
-             const at::Tensor& u, const OptT& da, const at::Tensor& ht, const OptT& dht,
-             const at::Tensor& ckpt, const at::Tensor& dq, const at::Tensor& dk, int64_t ck_every,
-             bool delta, int64_t stream) {
+             const at::Tensor& u, const OptT& da, const OptT& a, const OptT& ht, const OptT& dht,
+             const at::Tensor& ckpt, const at::Tensor& dq, const at::Tensor& dk, const OptT& dkr,
+             const OptT& lam, int64_t ck_every, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
   check(q, "q", q, q.scalar_type());
   check(k, "k", q, q.scalar_type());
   check(dout, "dout", q, q.scalar_type());
   check(u, "u", q, acc);
-  check(ht, "ht", q, acc);
   check(ckpt, "ckpt", q, acc);
   check(dq, "dq", q, q.scalar_type());
   check(dk, "dk", q, q.scalar_type());
   raise_on(fwp_qk_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
-                       u.data_ptr(), opt_ptr(da, "da", q, acc), ht.data_ptr(),
-                       opt_ptr(dht, "dht", q, acc), ckpt.data_ptr(), dq.data_ptr(), dk.data_ptr(),
-                       q.size(0), q.size(1), static_cast<int>(q.size(2)),
-                       static_cast<int>(dout.size(2)), static_cast<int>(ck_every),
-                       reinterpret_cast<void*>(stream)));
+                       u.data_ptr(), opt_ptr(da, "da", q, acc), opt_ptr(a, "a", q, acc),
+                       opt_ptr(ht, "ht", q, acc), opt_ptr(dht, "dht", q, acc), ckpt.data_ptr(),
+                       dq.data_ptr(), dk.data_ptr(), const_cast<void*>(opt_ptr(dkr, "dkr", q, acc)),
+                       const_cast<void*>(opt_ptr(lam, "lam", q, acc)), q.size(0), q.size(1),
+                       static_cast<int>(q.size(2)), static_cast<int>(dout.size(2)),
+                       static_cast<int>(ck_every), reinterpret_cast<void*>(stream)));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fwp_fairseq CUDA recurrences for the sum and delta rules";
+  m.doc() = "fwp_fairseq CUDA recurrences for the sum and delta rules, with an optional forget gate";
   m.def("forward", &forward, "forward (fills o, ht, ckpt, err)");
   m.def("state_grad", &state_grad, "backward pass A (fills du, dh0)");
-  m.def("qk_grad", &qk_grad, "backward pass B (fills dq, dk)");
+  m.def("qk_grad", &qk_grad, "backward pass B (fills dq, dk; gated also lam)");
 }

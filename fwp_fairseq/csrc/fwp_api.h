@@ -1,8 +1,9 @@
 // C entry points of the kernels (no torch types), used by binding.cpp and by the CPU emulator's
 // ctypes wrapper in the tests. All tensors are contiguous, on one device, laid out as
 //   q, k: (BH, T, Dk) in `dtype`;  v, dout: (BH, T, Dv) in `dtype`;
-//   beta: (BH, T), states (h0, ht, dht, dh0): (BH, Dk, Dv), ckpt: (BH, ceil(T/ck_every), Dk, Dv),
-//   err, u, da, du: (BH, T, Dv), all in the accumulation type (fp64 for kF64, else fp32);
+//   beta and the forget gate a (a_t = exp(g_t), nullptr: no gate): (BH, T), states (h0, ht, dht, dh0): (BH, Dk, Dv), ckpt: (BH, ceil(T/ck_every), Dk, Dv),
+//   err, u, da, du: (BH, T, Dv), dkr, lam: (BH, T, Dk), all in the accumulation type (fp64 for
+//   kF64, else fp32);
 //   o, dq, dk: in `dtype`.
 // Dk and Dv must be multiples of 8 (the Python side pads), Dk <= 512, Dv <= 256, and ck_every a
 // positive multiple of 64. Each returns nullptr on success, else a static error message.
@@ -13,24 +14,28 @@ extern "C" {
 #endif
 
 // Forward: o, ht (the final state, if ht != nullptr). For the backward also ckpt (the state
-// before every ck_every-th step) and, for the delta rule, err = v - S_{t-1}^T k_t.
+// before every ck_every-th step) and, for the delta rule, err = v - a_t S_{t-1}^T k_t.
 const char* fwp_forward(int dtype, int delta, const void* q, const void* k, const void* v,
-                        const void* beta, const void* h0, void* o, void* ht, void* ckpt,
-                        void* err, long long BH, long long T, int Dk, int Dv, int ck_every,
-                        void* stream);
+                        const void* beta, const void* a, const void* h0, void* o, void* ht,
+                        void* ckpt, void* err, long long BH, long long T, int Dk, int Dv,
+                        int ck_every, void* stream);
 
 // Backward, pass A (reverse time, one CTA per head and value tile): the gradient of each step's
 // write vector u_t (du = G_t^T k_t) and, if dh0 != nullptr, of the initial state.
 const char* fwp_state_grad(int dtype, int delta, const void* q, const void* k, const void* dout,
-                           const void* beta, const void* dht, void* du, void* dh0, long long BH,
-                           long long T, int Dk, int Dv, void* stream);
+                           const void* beta, const void* a, const void* dht, void* du, void* dh0,
+                           long long BH, long long T, int Dk, int Dv, void* stream);
 
-// Backward, pass B (reverse time, one CTA per head and key-row tile): dq and dk, given the write
-// vectors u and, for the delta rule, da = -beta * du (nullptr for the sum rule).
+// Backward, pass B (one CTA per head and key-row tile): dq and dk, given the write vectors u and,
+// for the delta rule, da = -beta * du (nullptr for the sum rule). Ungated it needs ht; gated
+// (a != nullptr) it needs lam, where it writes per key row the terms of the gate gradient summed
+// from the end of the sequence (dL/dg = lam summed over rows, plus <dht, ht>), and for the delta
+// rule the scratch dkr.
 const char* fwp_qk_grad(int dtype, int delta, const void* q, const void* k, const void* dout,
-                        const void* u, const void* da, const void* ht, const void* dht,
-                        const void* ckpt, void* dq, void* dk, long long BH, long long T, int Dk,
-                        int Dv, int ck_every, void* stream);
+                        const void* u, const void* da, const void* a, const void* ht,
+                        const void* dht, const void* ckpt, void* dq, void* dk, void* dkr,
+                        void* lam, long long BH, long long T, int Dk, int Dv, int ck_every,
+                        void* stream);
 
 #ifdef __cplusplus
 }

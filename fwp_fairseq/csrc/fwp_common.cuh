@@ -1,4 +1,5 @@
-// Shared by the three kernels: CUDA-or-emulator compatibility, tile shapes, small device helpers.
+// Shared by the three kernels: CUDA-or-emulator compatibility, tile shapes, the device helpers of
+// the layout they share (owner groups, chunk pipeline, register rows, output staging).
 //
 // Compiled two ways: by nvcc for the GPU, and by g++ with -DFWP_EMU, where fwp_emu.h runs every
 // CUDA thread as a CPU thread so tests/test_cuda_algorithm.py can check the kernels on a CPU.
@@ -7,8 +8,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <exception>
-#include <string>
 
 #ifdef FWP_EMU
 #include "fwp_emu.h"
@@ -47,6 +46,17 @@ template <> struct Split<128> { static constexpr int R = 8, PT = 16; };
 template <> struct Split<256> { static constexpr int R = 16, PT = 16; };
 template <> struct Split<512> { static constexpr int R = 16, PT = 32; };
 
+// One compiled variant: input type, padded inner length L (Dk in the column layout of the forward
+// and pass A, Dv in the row layout of pass B), rule and forget gate, and the Split of L.
+template <typename scalar_t, int LEN, bool IS_DELTA, bool IS_GATED>
+struct Cfg {
+  using scalar = scalar_t;
+  using acc_t = typename Acc<scalar_t>::type;
+  static constexpr int L = LEN, R = Split<LEN>::R, PT = Split<LEN>::PT, NV = PT / 4;
+  static constexpr int OUT = kThreads / R;  // owners per tile
+  static constexpr bool DELTA = IS_DELTA, GATED = IS_GATED;
+};
+
 // Steps per shared-memory stage: about `budget` bytes of per-step inputs, a power of two in
 // [8, 64] so that any multiple of 64 is a valid checkpoint interval for every kernel.
 constexpr int chunk_steps(int bytes_per_step, int budget = 8192) {
@@ -72,28 +82,29 @@ FWP_DEVICE void store_out(__half* p, float x) { *p = __float2half_rn(x); }
 FWP_DEVICE void store_out(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 #endif
 
-// Four consecutive elements (16-byte aligned for fp32/fp64, 8-byte for 16-bit types) as acc_t.
+// Four consecutive elements (16-byte aligned for fp32/fp64, 8-byte for 16-bit types) as acc_t
+// into x[0..3].
 #ifdef FWP_EMU
-template <typename T, typename A> inline void load4(const T* p, A (&x)[4]) {
+template <typename T, typename A> inline void load4(const T* p, A* x) {
   for (int e = 0; e < 4; ++e) x[e] = static_cast<A>(p[e]);
 }
 #else
-FWP_DEVICE void load4(const float* p, float (&x)[4]) {
+FWP_DEVICE void load4(const float* p, float* x) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
 }
-FWP_DEVICE void load4(const double* p, double (&x)[4]) {
+FWP_DEVICE void load4(const double* p, double* x) {
   const double2 a = reinterpret_cast<const double2*>(p)[0];
   const double2 b = reinterpret_cast<const double2*>(p)[1];
   x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
 }
-FWP_DEVICE void load4(const __half* p, float (&x)[4]) {
+FWP_DEVICE void load4(const __half* p, float* x) {
   const uint2 raw = *reinterpret_cast<const uint2*>(p);
   const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
   const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
   x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
 }
-FWP_DEVICE void load4(const __nv_bfloat16* p, float (&x)[4]) {
+FWP_DEVICE void load4(const __nv_bfloat16* p, float* x) {
   const uint2 raw = *reinterpret_cast<const uint2*>(p);
   const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
   const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
@@ -155,83 +166,112 @@ FWP_DEVICE void group_sum(A (&x)[N]) {
   }
 }
 
-// Every kernel's chunk length divides 64, so any multiple of 64 is a valid ck_every.
-constexpr const char* kBadCkEvery = "fwp: ck_every must be a multiple of 64";
+// ---- the layout every kernel shares ----
 
-// ---- host-side dispatch over dtype and padded inner length ----
-template <typename T> struct Tag { using type = T; };
+// This thread: lane g of group ol, the R lanes that own entry own() (a column of S in the forward
+// and pass A, a row of S in pass B) of a tile of OUT = kThreads / R owners of head bh. tid, own
+// and ok are derived, not stored: fewer live registers.
+template <int R>
+struct Owner {
+  static constexpr int OUT = kThreads / R;
+  int g, ol;
+  long long bh;
+  int first, count;  // the tile's first owner, owners in this tile (the last tile may be partial)
+  FWP_DEVICE Owner(int ntiles, int extent)
+      : g(threadIdx.x % R), ol(threadIdx.x / R), bh(blockIdx.x / ntiles),
+        first(static_cast<int>(blockIdx.x % ntiles) * OUT), count(imin(OUT, extent - first)) {}
+  FWP_DEVICE int tid() const { return threadIdx.x; }
+  FWP_DEVICE int own() const { return first + ol; }  // this group's owner
+  FWP_DEVICE bool ok() const { return ol < count; }  // this group's owner exists
+};
 
-template <typename F>
-const char* dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kF32: return f(Tag<float>{});
-    case kF64: return f(Tag<double>{});
-#ifndef FWP_EMU
-    case kF16: return f(Tag<__half>{});
-    case kBF16: return f(Tag<__nv_bfloat16>{});
-#endif
-    default: return "fwp: unsupported dtype (fp32, fp16, bf16, fp64 on the GPU; fp32, fp64 emulated)";
+// Register x = 4m + e of a lane holds entry 4 * (g + R * m) + e of its owner's entries.
+template <int R> FWP_DEVICE int owned_index(int g, int x) { return 4 * (g + R * (x / 4)) + x % 4; }
+
+// A lane's entries from src[idx * stride]; 0 where src is null, the owner is padding or idx >= n.
+template <int R, int PT, typename A>
+FWP_DEVICE void load_owned(A (&x)[PT], const A* src, long long stride, int n, const Owner<R>& o) {
+#pragma unroll
+  for (int i = 0; i < PT; ++i) {
+    const int idx = owned_index<R>(o.g, i);
+    x[i] = (src && o.ok() && idx < n) ? src[idx * stride] : A(0);
   }
 }
 
-template <int N> struct Len { static constexpr int value = N; };
-
-// The smallest supported inner length L >= n (64, 128, 256, up to MAX).
-template <int MAX, typename F>
-const char* dispatch_len(int n, F&& f) {
-  if (n <= 64) return f(Len<64>{});
-  if (n <= 128) return f(Len<128>{});
-  if constexpr (MAX >= 256) { if (n <= 256) return f(Len<256>{}); }
-  if constexpr (MAX >= 512) { if (n <= 512) return f(Len<512>{}); }
-  return "fwp: feature dimension too large (Dk <= 512, Dv <= 256)";
-}
-
-// Common argument checks of the three entry points.
-inline const char* check_sizes(long long BH, long long T, int Dk, int Dv, int ck_every) {
-  if (BH <= 0 || T <= 0 || Dk <= 0 || Dv <= 0) return "fwp: empty input";
-  if (Dk % 8 || Dv % 8) return "fwp: Dk and Dv must be multiples of 8 (pad with zeros)";
-  if (Dk > 512 || Dv > 256) return "fwp: Dk <= 512 and Dv <= 256";
-  if (ck_every <= 0) return "fwp: ck_every must be positive";
-  return nullptr;
-}
-
-#ifdef FWP_EMU
-template <typename K> const char* prepare_launch(K, size_t) { return nullptr; }
-inline const char* launch_error() { return nullptr; }
-#else
-// Kernels above 48 KB of dynamic shared memory must opt in; report launch errors as text.
-template <typename K>
-const char* prepare_launch(K kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)) != cudaSuccess)
-      return cudaGetErrorString(cudaGetLastError());
+template <int R, int PT, typename A>
+FWP_DEVICE void store_owned(A* dst, long long stride, int n, const Owner<R>& o, const A (&x)[PT]) {
+  if (!dst || !o.ok()) return;
+#pragma unroll
+  for (int i = 0; i < PT; ++i) {
+    const int idx = owned_index<R>(o.g, i);
+    if (idx < n) dst[idx * stride] = x[i];
   }
-  return nullptr;
 }
-inline const char* launch_error() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+
+// p + off as A*, or nullptr for an absent (optional) tensor.
+template <typename A> FWP_DEVICE A* offset_or_null(void* p, long long off) {
+  return p ? static_cast<A*>(p) + off : nullptr;
 }
-#endif
+template <typename A> FWP_DEVICE const A* offset_or_null(const void* p, long long off) {
+  return p ? static_cast<const A*>(p) + off : nullptr;
+}
+
+// Shared memory of a kernel with shape Sh: two stages of per-step inputs (k at offset 0 and q at
+// Sh::q_off in every layout), then Sh's output staging arrays of TC steps x OUT owners.
+template <typename Sh>
+struct Stages {
+  using scalar_t = typename Sh::scalar;
+  using acc_t = typename Sh::acc_t;
+  unsigned char* smem;
+  template <typename T> FWP_DEVICE T* part(int b, size_t off) const {
+    return reinterpret_cast<T*>(smem + b * Sh::stage_bytes + off);
+  }
+  FWP_DEVICE scalar_t* k(int b) const { return part<scalar_t>(b, 0); }
+  FWP_DEVICE scalar_t* q(int b) const { return part<scalar_t>(b, Sh::q_off); }
+  FWP_DEVICE acc_t* out(int n) const {
+    return reinterpret_cast<acc_t*>(smem + 2 * Sh::stage_bytes + n * Sh::out_bytes);
+  }
+};
+
+// Zero the stages once: entries past the tile's owners or past Dk/Dv are never copied and must
+// read as 0.
+FWP_DEVICE void zero_stages(unsigned char* smem, size_t bytes, int tid) {
+  for (size_t x = tid; x < bytes / 4; x += kThreads) reinterpret_cast<uint32_t*>(smem)[x] = 0u;
+  __syncthreads();
+}
+
+// The double-buffered pass over T steps in chunks of TC, forward or backward in time:
+// stage(t0, steps, b) issues the copies of one chunk into buffer b, and body(t0, steps, b) runs
+// once that chunk is in shared memory for every thread, while the next chunk's copies fly. The
+// body must __syncthreads() after its last read of buffer b (the next prefetch overwrites it).
+template <int TC, bool REVERSE, typename Stage, typename Body>
+FWP_DEVICE void chunk_loop(long long T, const Stage& stage, Body&& body) {
+  const long long n = (T + TC - 1) / TC;
+  const long long c0 = REVERSE ? n - 1 : 0;
+  stage(c0 * TC, static_cast<int>(lmin(TC, T - c0 * TC)), static_cast<int>(c0 & 1));
+  copy_commit();
+  for (long long i = 0; i < n; ++i) {
+    const long long c = REVERSE ? n - 1 - i : i, next = REVERSE ? c - 1 : c + 1;
+    if (i + 1 < n) {
+      stage(next * TC, static_cast<int>(lmin(TC, T - next * TC)), static_cast<int>(next & 1));
+      copy_commit();
+      copy_wait_but_one();
+    } else {
+      copy_wait_all();
+    }
+    __syncthreads();
+    body(c * TC, static_cast<int>(lmin(TC, T - c * TC)), static_cast<int>(c & 1));
+  }
+}
+
+// Write `steps` rows of n staged outputs (row stride OUT in shared memory) to global memory (row
+// stride gs) with coalesced stores, converting to the output type.
+template <int OUT, typename O, typename A>
+FWP_DEVICE void flush_rows(O* dst, long long gs, const A* buf, int steps, int n, int tid) {
+  for (int x = tid; x < steps * n; x += kThreads) {
+    const int s = x / n, c = x - s * n;
+    store_out(dst + s * gs + c, buf[s * OUT + c]);
+  }
+}
 
 }  // namespace fwp
-
-// Kernel launch that also works in the emulator.
-#ifdef FWP_EMU
-#define FWP_LAUNCH(kernel, grid, smem, stream, params) \
-  ::fwp_emu::launch((grid), ::fwp::kThreads, (smem), [&]() { kernel(params); })
-#else
-#define FWP_LAUNCH(kernel, grid, smem, stream, params) \
-  kernel<<<(grid), ::fwp::kThreads, (smem), static_cast<cudaStream_t>(stream)>>>(params)
-#endif
-
-// Entry points return errors as text; the emulator's exceptions become text too.
-#define FWP_TRY try {
-#define FWP_CATCH                                                   \
-  }                                                                 \
-  catch (const std::exception& ex) {                                \
-    static thread_local std::string fwp_msg;                        \
-    fwp_msg = ex.what();                                            \
-    return fwp_msg.c_str();                                         \
-  }

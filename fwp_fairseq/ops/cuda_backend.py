@@ -4,8 +4,10 @@ The extension comes from the install (fwp_fairseq._fwp_cuda, built when CUDA was
 FWP_FAIRSEQ_BUILD_CUDA=1) or, failing that, is built just in time on first GPU use with
 torch.utils.cpp_extension.load (cached in the torch extensions directory).
 
-Semantics are those of sum_rule/reference.py and delta_rule/reference.py; state and accumulation
-are fp32 (fp64 for fp64 inputs), outputs in the input dtype, and every result is deterministic.
+Semantics are those of sum_rule/reference.py and delta_rule/reference.py, with an optional forget
+gate g (B, H, T): a_t = exp(g_t) decays the state before each step's write (S'_t = a_t S_{t-1}; the
+delta rule reads S'_t). State and accumulation are fp32 (fp64 for fp64 inputs), outputs in the
+input dtype, and every result is deterministic.
 """
 import contextlib
 import math
@@ -111,41 +113,42 @@ def _stream(x):
 
 
 class _Recurrence(torch.autograd.Function):
-    """Both rules on padded inputs (Dk, Dv multiples of 8). beta, h0 already in the acc dtype."""
+    """Both rules on padded inputs (Dk, Dv multiples of 8). beta, h0, g already in the acc dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, h0, ext, delta, store):
+    def forward(ctx, q, k, v, beta, h0, g, ext, delta, store):
         B, H, T, Dk = q.shape
         Dv = v.shape[-1]
         BH = B * H
         acc = accumulation_dtype(q.dtype)
         q3, k3, v3 = _flat(q), _flat(k), _flat(v)
         b2 = _flat(beta) if delta else None
+        a2 = None if g is None else _flat(g.exp())
         h3 = _flat(h0) if h0 is not None else None
         o = torch.empty_like(v3)
         ht = q.new_empty(BH, Dk, Dv, dtype=acc)
         ckpt = q.new_empty(BH, math.ceil(T / CK_EVERY), Dk, Dv, dtype=acc) if store else None
         err = q.new_empty(BH, T, Dv, dtype=acc) if store and delta else None
-        ext.forward(q3, k3, v3, b2, h3, o, ht, ckpt, err, CK_EVERY, delta, _stream(q))
+        ext.forward(q3, k3, v3, b2, a2, h3, o, ht, ckpt, err, CK_EVERY, delta, _stream(q))
         if store:
-            ctx.save_for_backward(q3, k3, v3, b2, ht, ckpt, err)
+            ctx.save_for_backward(q3, k3, v3, b2, a2, ht, ckpt, err)
         ctx.ext, ctx.delta, ctx.shape = ext, delta, (B, H, T, Dk, Dv)
-        ctx.h0_dtype = None if h0 is None else h0.dtype
         return o.view(B, H, T, Dv), ht.view(B, H, Dk, Dv)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):
-        q3, k3, v3, b2, ht, ckpt, err = ctx.saved_tensors
+        q3, k3, v3, b2, a2, ht, ckpt, err = ctx.saved_tensors
         B, H, T, Dk, Dv = ctx.shape
         BH = B * H
         acc = ht.dtype
         ext, delta, stream = ctx.ext, ctx.delta, _stream(q3)
+        gated = a2 is not None
         do3 = torch.zeros_like(v3) if do is None else _flat(do, q3.dtype)
         dht3 = None if dht is None else _flat(dht, acc)
         du = torch.empty(BH, T, Dv, dtype=acc, device=q3.device)
         dh0 = torch.empty(BH, Dk, Dv, dtype=acc, device=q3.device) if ctx.needs_input_grad[4] else None
-        ext.state_grad(q3, k3, do3, b2, dht3, du, dh0, delta, stream)
+        ext.state_grad(q3, k3, do3, b2, a2, dht3, du, dh0, delta, stream)
         if delta:
             bcol = b2[..., None]
             u = bcol * err  # the forward's write vector, same fp product
@@ -154,25 +157,37 @@ class _Recurrence(torch.autograd.Function):
             dbeta = (du * err).sum(-1).view(B, H, T)
         else:
             u, da, dv, dbeta = v3.to(acc).contiguous(), None, du, None
-        dq = dk = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        dq = dk = dg = None
+        need_g = gated and ctx.needs_input_grad[5]
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or need_g:
             dq, dk = torch.empty_like(q3), torch.empty_like(k3)
-            ext.qk_grad(q3, k3, do3, u, da, ht, dht3, ckpt, dq, dk, CK_EVERY, delta, stream)
+            lam = torch.empty(BH, T, Dk, dtype=acc, device=q3.device) if gated else None
+            dkr = torch.empty_like(lam) if gated and delta else None
+            ext.qk_grad(q3, k3, do3, u, da, a2, None if gated else ht, dht3, ckpt, dq, dk, dkr, lam,
+                        CK_EVERY, delta, stream)
             dq, dk = dq.view(B, H, T, Dk), dk.view(B, H, T, Dk)
+            if need_g:  # lam: per key row, dL/dLambda summed from the end; + the final state's read
+                dg = lam.sum(-1)
+                if dht3 is not None:
+                    dg = dg + (dht3 * ht).sum((-2, -1))[:, None]
+                dg = dg.view(B, H, T)
         dh0 = None if dh0 is None else dh0.view(B, H, Dk, Dv)
-        return dq, dk, dv.to(v3.dtype).view(B, H, T, Dv), dbeta, dh0, None, None, None
+        return dq, dk, dv.to(v3.dtype).view(B, H, T, Dv), dbeta, dh0, dg, None, None, None
 
 
 def _device_of(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _apply(ext, q, k, v, beta, initial_state, output_final_state, delta):
+def _apply(ext, q, k, v, beta, initial_state, output_final_state, delta, g=None):
     """Pad to multiples of 8, run _Recurrence, unpad. `ext` is the extension (or, in the CPU
     tests, the emulator with the same three functions)."""
     ok, why = supports(q, v)
     if not ok:
         raise ValueError(f"impl='cuda': {why}")
+    if g is not None and tuple(g.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"impl='cuda': g must have shape (B, H, T) = {tuple(q.shape[:3])}, "
+                         f"got {tuple(g.shape)}")
     Dk, Dv = q.shape[-1], v.shape[-1]
     pk, pv = -Dk % 8, -Dv % 8
     acc = accumulation_dtype(q.dtype)
@@ -186,10 +201,11 @@ def _apply(ext, q, k, v, beta, initial_state, output_final_state, delta):
         if pk or pv:
             h0 = F.pad(h0, (0, pv, 0, pk))
     b = beta.to(acc) if delta else None
-    tensors = [t for t in (q, k, v, b, h0) if t is not None]
+    g = None if g is None else g.to(acc)
+    tensors = [t for t in (q, k, v, b, h0, g) if t is not None]
     store = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     with _device_of(q):
-        o, ht = _Recurrence.apply(q, k, v, b, h0, ext, delta, store)
+        o, ht = _Recurrence.apply(q, k, v, b, h0, g, ext, delta, store)
     if pv:
         o = o[..., :Dv]
     if not output_final_state:
@@ -206,11 +222,13 @@ def _extension(q):
     return _ext
 
 
-def sum_rule_cuda(q, k, v, initial_state=None, output_final_state=False):
-    """S_t = S_{t-1} + k_t v_t^T, o_t = S_t^T q_t on the GPU. Returns (o, final_state or None)."""
-    return _apply(_extension(q), q, k, v, None, initial_state, output_final_state, delta=False)
+def sum_rule_cuda(q, k, v, initial_state=None, output_final_state=False, g=None):
+    """S_t = a_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t on the GPU, with a_t = exp(g_t) for a
+    log-decay g (B, H, T), else 1. Returns (o, final_state or None)."""
+    return _apply(_extension(q), q, k, v, None, initial_state, output_final_state, False, g)
 
 
-def delta_rule_cuda(q, k, v, beta, initial_state=None, output_final_state=False):
-    """S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t on the GPU."""
-    return _apply(_extension(q), q, k, v, beta, initial_state, output_final_state, delta=True)
+def delta_rule_cuda(q, k, v, beta, initial_state=None, output_final_state=False, g=None):
+    """S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T, o_t = S_t^T q_t on the GPU,
+    with a_t = exp(g_t) for a log-decay g (B, H, T), else 1."""
+    return _apply(_extension(q), q, k, v, beta, initial_state, output_final_state, True, g)
