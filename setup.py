@@ -33,7 +33,7 @@ if not os.environ.get("FWP_FAIRSEQ_SKIP_FAIRSEQ") and not _have_fairseq():
     requires.append("ve-fairseq>=0.12.3")
 
 
-# --- optional CUDA extension (issue 4; owner: the CUDA kernels) ---------------------------------
+# --- optional CUDA extension (fwp_fairseq/csrc) ------------------------------------------------------
 # Built at install time only when torch has CUDA, nvcc is found and a GPU is visible, or when
 # FWP_FAIRSEQ_BUILD_CUDA=1 forces it (FWP_FAIRSEQ_BUILD_CUDA=0 never builds). Otherwise nothing
 # happens here and fwp_fairseq/ops/cuda_backend.py builds the same sources just in time on first

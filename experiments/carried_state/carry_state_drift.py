@@ -9,7 +9,7 @@ Prints, for each bin of consecutive segments, the loss (bits per token) of the t
 the Frobenius norm of every layer's carried state S after 1, 2, 4, ... segments; the last line is
 the whole split's loss, the number fairseq-eval-lm prints for the same streams. A loss that
 rises with the position while |S| keeps growing means the state has not settled within the
-trained stream length (README: "Fast weights carried across segments").
+trained stream length (experiments/carried_state/README.md).
 
 A checkpoint trained without carried state (task language_modeling) is scored the way
 run_carry_state.sh scores it, with sliding windows of --tokens-per-sample tokens of which the

@@ -6,7 +6,7 @@ One head of each size d, keys = sum-normalised phi(x) with x ~ N(0, I_d), values
 (v = x M + noise, as when both come from the same input), constant beta; the state S is carried
 over T steps in segments, and its Frobenius norm is printed after 256, 512, ... steps. A norm that
 is still growing at T means the state has not settled: old content along rarely written key
-directions is erased too slowly (see the README, "Fast weights carried across segments"). The
+directions is erased too slowly (see experiments/carried_state/README.md). The
 smaller the head, the larger each sum-normalised key (|k|^2 >= 1/d) and the sooner it settles.
 """
 import argparse
