@@ -56,26 +56,54 @@ class ChunkDecay(NamedTuple):
     pair: torch.Tensor  # (N, BH, C, C) exp(b_t - b_s) for s <= t, 0 above the diagonal
 
 
+LEAF = 16  # diagonal blocks of this many steps exponentiate every pair; larger ones are products
+
+
 def chunk_decay(G):
     """G: (N, BH, C, 1) chunked log-decays (accumulation dtype) -> ChunkDecay.
 
     The cumulative sums are taken in fp64: after a strong decay b is large, and a difference of
-    two fp32 sums would keep only about eps * |b| of precision. The (C x C) differences are then
-    formed in the accumulation dtype from b's two-part split b = hi + lo (each part rounded to
-    that dtype), (hi_t - hi_s) + (lo_t - lo_s), as precise as an fp64 difference at fp32 cost."""
+    two fp32 sums would keep only about eps * |b| of precision."""
     dtype = G.dtype
     b = G.to(torch.float64).cumsum(2)
     b_end = b[:, :, -1:]
-    hi = b.to(dtype)
-    pair = hi - hi.transpose(-1, -2)
+    return ChunkDecay(b.to(dtype).exp(), (b_end - b).to(dtype).exp_(), b_end.to(dtype).exp(),
+                      _pair_decay(b, dtype))
+
+
+def _pair_decay(b, dtype):
+    """(N, BH, C, C): exp(b_t - b_s) for s <= t, 0 above; b (N, BH, C, 1) in fp64.
+
+    Steps t and s of different diagonal blocks meet through the last step m of s's block:
+    exp(b_t - b_s) = exp(b_t - b_m) exp(b_m - b_s), an outer product of two vectors with
+    exponents <= 0. So when C is LEAF times a power of two, only the diagonal blocks of LEAF
+    steps exponentiate every entry, and the larger blocks below them are filled level by level
+    (each level's lower-left blocks at once, through a diagonal view)."""
+    N, BH, C, _ = b.shape
+    L = LEAF if C % LEAF == 0 and (C // LEAF) & (C // LEAF - 1) == 0 else C
+    nb = C // L
+    pair = b.new_zeros(N, BH, C, C, dtype=dtype)
+    # Diagonal blocks. The differences come from b's split b = hi + lo (each part rounded to
+    # dtype): (hi_t - hi_s) + (lo_t - lo_s) is as precise as an fp64 difference.
+    hi = b.view(N, BH, nb, L).to(dtype)
+    d = hi[..., :, None] - hi[..., None, :]
     if dtype != torch.float64:
-        lo = (b - hi.to(torch.float64)).to(dtype)
-        pair.add_(lo).sub_(lo.transpose(-1, -2))
-    C = G.shape[2]
+        lo = (b.view(N, BH, nb, L) - hi.to(torch.float64)).to(dtype)
+        d.add_(lo[..., :, None]).sub_(lo[..., None, :])
     # -inf for s > t (no decay applies there): adding it is a cheaper mask than masked_fill_
-    later = torch.full((C, C), float("-inf"), dtype=dtype, device=G.device).triu_(1)
-    pair.add_(later).exp_()
-    return ChunkDecay(hi.exp(), (b_end - b).to(dtype).exp_(), b_end.to(dtype).exp(), pair)
+    d.add_(torch.full((L, L), float("-inf"), dtype=dtype, device=b.device).triu_(1)).exp_()
+    pair.view(N, BH, nb, L, nb, L).diagonal(dim1=2, dim2=4).copy_(d.permute(0, 1, 3, 4, 2))
+    h = L
+    while h < C:  # in blocks of 2h steps, the later half's rows against the earlier half's columns
+        ns = C // (2 * h)
+        bv = b.view(N, BH, ns, 2, h)
+        m = bv[:, :, :, 0, -1:]
+        later = (bv[:, :, :, 1] - m).to(dtype).exp_().transpose(-1, -2)  # (N, BH, h, ns)
+        earlier = (m - bv[:, :, :, 0]).to(dtype).exp_().transpose(-1, -2)
+        lower_left = pair.view(N, BH, ns, 2, h, ns, 2, h).diagonal(dim1=2, dim2=5)[:, :, 1, :, 0]
+        torch.mul(later[:, :, :, None], earlier[:, :, None], out=lower_left)
+        h *= 2
+    return pair
 
 
 def row_dot(a, b):
