@@ -18,13 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import to_accumulation
+
 GATES = ("none", "scalar")
 BETA_RANGES = ("unit", "double")
 BETA_SCALE = {"unit": 1.0, "double": 2.0}
 
 
 class ScalarGate(nn.Module):
-    """x (T, B, C) -> g (B, H, T), the per-head log-decays (fp32)."""
+    """x (T, B, C) -> g (B, H, T), the per-head log-decays (fp32, fp64 for fp64 x)."""
 
     def __init__(self, embed_dim, num_heads, dt_min=1e-3, dt_max=1e-1):
         super().__init__()
@@ -43,8 +45,10 @@ class ScalarGate(nn.Module):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
     def forward(self, x):
-        dt = F.softplus(self.proj(x).float() + self.dt_bias.float())
-        return (-torch.exp(self.a_log.float()) * dt).permute(1, 2, 0)
+        # Not in half precision: the decays compound over many steps.
+        w = to_accumulation(self.proj(x))
+        dt = F.softplus(w + self.dt_bias.to(w.dtype))
+        return (-torch.exp(self.a_log.to(w.dtype)) * dt).permute(1, 2, 0)
 
 
 def decayed_cumsum(k, g, z0=None, chunk=64):
