@@ -1,7 +1,8 @@
 """fwp_lm: fairseq's decoder-only Transformer language model with fast-weight causal
 self-attention (the paper's WikiText-103 models; arXiv 2102.11174, section 6.3).
 
---fwp-kernel softmax is fairseq's transformer_lm with the same flags and checkpoint layout."""
+--fwp-kernel softmax is fairseq's transformer_lm with the same flags and checkpoint layout;
+--fwp-softmax-layers keeps softmax attention in some layers (a hybrid model)."""
 import logging
 from dataclasses import dataclass, field
 
