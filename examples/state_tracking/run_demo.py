@@ -15,6 +15,7 @@ Writes results.{csv,json,md,png} and the training logs under --out-dir.
 import argparse
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -53,6 +54,9 @@ def train_args(model_flags, save_dir, max_update, seed):
 def train(key, args, save_root):
     save_dir = os.path.join(save_root, key)
     log = os.path.join(args.out_dir, "logs", f"{key}.log")
+    best = os.path.join(save_dir, "checkpoint_best.pt")
+    if args.reuse_checkpoints and os.path.exists(best):
+        return key, best, 0.0
     cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-train"),
            *train_args(MODELS[key][1], save_dir, args.max_update, args.seed)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -61,12 +65,15 @@ def train(key, args, save_root):
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"{key}: fairseq-train failed (exit {rc}); see {log}")
-    return key, os.path.join(save_dir, "checkpoint_best.pt"), time.time() - start
+    return key, best, time.time() - start
 
 
 def evaluate(checkpoint, lengths, strings):
     import torch
     from fairseq import checkpoint_utils
+    sys.path.insert(0, REPO)
+    import fwp_fairseq
+    fwp_fairseq.register()  # the task and model of the checkpoint
     torch.set_num_threads(1)
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
     return task.evaluate_lengths(models[0], lengths, num_strings=strings)
@@ -87,6 +94,7 @@ def write_outputs(rows, lengths, out_dir, meta):
         for r in rows:
             f.write(f"| {r['label']} | " + " | ".join(f"{r['accuracy'][str(n)]:.3f}" for n in lengths) + " |\n")
     import matplotlib
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import set DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -108,11 +116,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join(REPO, "results", "demo", "state_tracking"))
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
-    p.add_argument("--max-update", type=int, default=400, help="training updates per model")
+    p.add_argument("--max-update", type=int, default=250, help="training updates per model")
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     p.add_argument("--threads", type=int, default=1, help="threads per training")
     p.add_argument("--strings", type=int, default=256, help="test strings per length")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--reuse-checkpoints", action="store_true",
+                   help="evaluate the checkpoints an earlier run left in --out-dir instead of training")
     p.add_argument("--quick", action="store_true", help="20 updates, 32 strings: a smoke test")
     args = p.parse_args()
     keys = [k for k in args.models.split(",") if k]
