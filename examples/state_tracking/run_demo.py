@@ -36,10 +36,10 @@ MODELS = {
 LENGTHS = [64, 128, 256, 512]
 
 
-def train_args(model_flags, save_dir, max_update, seed):
+def train_args(model_flags, save_dir, max_update, seed, modulus=2):
     """The fairseq-train arguments of one run (README.md shows the same command)."""
     return ["--user-dir", os.path.join(REPO, "fwp_fairseq"), "--cpu", "--seed", str(seed),
-            "--task", "state_tracking", "--modulus", "2", "--train-length", "64",
+            "--task", "state_tracking", "--modulus", str(modulus), "--train-length", "64",
             "--arch", "fwp_lm", "--decoder-layers", "2", "--decoder-embed-dim", "64",
             "--decoder-input-dim", "64", "--decoder-output-dim", "64", "--decoder-attention-heads", "4",
             "--decoder-ffn-embed-dim", "128", "--decoder-normalize-before",
@@ -58,7 +58,7 @@ def train(key, args, save_root):
     if args.reuse_checkpoints and os.path.exists(best):
         return key, best, 0.0
     cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-train"),
-           *train_args(MODELS[key][1], save_dir, args.max_update, args.seed)]
+           *train_args(MODELS[key][1], save_dir, args.max_update, args.seed, args.modulus)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.time()
     with open(log, "w") as f:
@@ -88,7 +88,7 @@ def write_outputs(rows, lengths, out_dir, meta):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("Parity, final-position accuracy (trained on length 64; chance 0.5)\n\n")
+        f.write(f"{meta['metric']} (chance {1 / meta['modulus']:.2f})\n\n")
         f.write("| model | " + " | ".join(f"len {n}" for n in lengths) + " |\n")
         f.write("|---|" + "---:|" * len(lengths) + "\n")
         for r in rows:
@@ -100,13 +100,13 @@ def write_outputs(rows, lengths, out_dir, meta):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.plot(lengths, [r["accuracy"][str(n)] for n in lengths], marker="o", label=r["label"])
-    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.axhline(1 / meta["modulus"], color="grey", linestyle=":", label="chance")
     ax.axvline(64, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("string length (trained on 64)")
-    ax.set_ylabel("parity accuracy (final position)")
-    ax.set_ylim(0.3, 1.02)
+    ax.set_ylabel("final-position accuracy")
+    ax.set_ylim(0.0, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "results.png"), dpi=120)
@@ -121,6 +121,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="threads per training")
     p.add_argument("--strings", type=int, default=256, help="test strings per length")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--modulus", type=int, default=2, help="2: parity; m > 2: addition modulo m")
     p.add_argument("--reuse-checkpoints", action="store_true",
                    help="evaluate the checkpoints an earlier run left in --out-dir instead of training")
     p.add_argument("--quick", action="store_true", help="20 updates, 32 strings: a smoke test")
@@ -134,7 +135,7 @@ def main():
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
     save_root = os.path.join(args.out_dir, "checkpoints")
     start = time.time()
-    print(f"state tracking (parity): {len(keys)} fairseq trainings, {args.max_update} updates each, "
+    print(f"state tracking (modulus {args.modulus}): {len(keys)} fairseq trainings, {args.max_update} updates each, "
           f"{args.jobs} at a time; logs in {os.path.join(args.out_dir, 'logs')}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = list(pool.map(lambda k: train(k, args, save_root), keys))
@@ -144,9 +145,11 @@ def main():
         rows.append(dict(model=key, label=MODELS[key][0], train_seconds=round(seconds, 1),
                          accuracy={str(n): acc[n] for n in LENGTHS}))
         print(f"{MODELS[key][0]:32s} " + "  ".join(f"{n}: {acc[n]:.3f}" for n in LENGTHS), flush=True)
+    task_name = "parity" if args.modulus == 2 else f"addition mod {args.modulus}"
     meta = dict(max_update=args.max_update, strings_per_length=args.strings, seed=args.seed,
-                jobs=args.jobs, threads=args.threads, wall_seconds=round(time.time() - start, 1),
-                metric="final-position parity accuracy, trained on length 64")
+                modulus=args.modulus, jobs=args.jobs, threads=args.threads,
+                wall_seconds=round(time.time() - start, 1),
+                metric=f"final-position accuracy, {task_name}, trained on length 64")
     write_outputs(rows, LENGTHS, args.out_dir, meta)
     print(f"wall time {time.time() - start:.0f} s. Written: {os.path.join(args.out_dir, 'results.md')}, "
           f".csv, .json, .png")
