@@ -31,6 +31,14 @@ def opts(**kw):
     (dict(kernel="identity", sum_normalize=True), "--fwp-sum-normalize"),
     (dict(kernel="identity", attn_normalize=True), "--fwp-attn-normalize"),
     (dict(attn_normalize=True, no_attn_normalize=True), "--fwp-attn-normalize"),
+    (dict(gate="vector"), "--fwp-gate"),
+    (dict(beta_range="triple"), "--fwp-beta-range"),
+    (dict(kernel="softmax", gate="scalar"), "--fwp-gate"),
+    (dict(kernel="softmax", update="delta", beta_range="double"), "--fwp-beta-range"),
+    (dict(update="sum", beta_range="double"), "--fwp-beta-range"),
+    (dict(softmax_layers="0,x"), "--fwp-softmax-layers"),
+    (dict(softmax_layers="-1"), "--fwp-softmax-layers"),
+    (dict(softmax_encoder_layers="1;2"), "--fwp-softmax-encoder-layers"),
 ])
 def test_bad_combination_is_one_line_naming_the_flag(kw, flag):
     with pytest.raises(ValueError) as e:
@@ -109,7 +117,7 @@ def test_flags_and_layer_share_one_definition():
     layer_defaults = inspect.signature(FastWeightAttention).parameters
     for flag, arg in (("fwp_kernel", "feature_map"), ("fwp_update", "update"), ("fwp_dpfp_nu", "dpfp_nu"),
                       ("fwp_performer_features", "performer_features"), ("fwp_performer_seed", "seed"),
-                      ("fwp_impl", "impl")):
+                      ("fwp_impl", "impl"), ("fwp_gate", "gate"), ("fwp_beta_range", "beta_range")):
         assert FwpFields.__dataclass_fields__[flag].default == layer_defaults[arg].default, flag
     for flags, kwargs in ((dict(kernel="identity", sum_normalize=True), dict(feature_map="identity", sum_norm=True)),
                           (dict(kernel="performer", no_sum_normalize=True), dict(feature_map="performer", sum_norm=False))):
@@ -120,3 +128,15 @@ def test_flags_and_layer_share_one_definition():
         flag_msg = str(by_flag.value).replace("--fwp-no-sum-normalize", "sum_norm")
         flag_msg = flag_msg.replace("--fwp-sum-normalize", "sum_norm").replace("--fwp-l2-normalize", "l2_norm")
         assert flag_msg == str(by_arg.value)
+
+
+def test_double_beta_without_unit_keys_warns(caplog):
+    """beta in (0, 2) reflects only unit keys: without --fwp-l2-normalize it builds but warns."""
+    with caplog.at_level(logging.WARNING):
+        o = fwp_options(opts(update="delta", beta_range="double"))
+    assert o.beta_range == "double"
+    assert any("--fwp-beta-range double" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fwp_options(opts(kernel="identity", update="delta", beta_range="double", l2_normalize=True))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

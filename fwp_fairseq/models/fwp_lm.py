@@ -1,7 +1,8 @@
 """fwp_lm: fairseq's decoder-only Transformer language model with fast-weight causal
 self-attention (the paper's WikiText-103 models; arXiv 2102.11174, section 6.3).
 
---fwp-kernel softmax is fairseq's transformer_lm with the same flags and checkpoint layout."""
+--fwp-kernel softmax is fairseq's transformer_lm with the same flags and checkpoint layout;
+--fwp-softmax-layers keeps softmax attention in some layers (a hybrid model)."""
 import logging
 from dataclasses import dataclass, field
 
@@ -59,6 +60,10 @@ class FwpLanguageModel(TransformerLanguageModel):
             if not layers:
                 raise ValueError("--fwp-carry-state: the model has no fast-weight self-attention "
                                  "(--fwp-kernel softmax keeps fairseq's attention)")
+            if len(layers) < len(self.decoder.layers):
+                # A softmax layer's key/value cache has no constant-size state to carry.
+                raise ValueError("--fwp-carry-state: not with a hybrid model (--fwp-softmax-layers): "
+                                 "softmax layers have no state to carry across segments")
             if self.decoder.embed_positions is not None:
                 # Positions would restart at every segment while the state goes on: the result
                 # would depend on --tokens-per-sample. The paper's best Delta Net has none.

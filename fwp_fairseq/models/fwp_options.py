@@ -16,6 +16,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from ..modules.fast_weight_attention import FastWeightAttention
 from ..modules.feature_maps import FEATURE_MAPS, resolve_normalisation
+from ..modules.gate import BETA_RANGES, GATES
 from ..ops import IMPLS, UPDATES
 
 # --fwp-kernel: "softmax" keeps fairseq's MultiheadAttention; the other choices are feature maps.
@@ -71,6 +72,23 @@ class FwpFields(FairseqDataclass):
     fwp_impl: ChoiceEnum(IMPLS) = field(
         default=_layer_default("impl"),
         metadata={"help": "implementation of the causal recurrence (fwp_fairseq.ops)"})
+    fwp_gate: ChoiceEnum(GATES) = field(
+        default=_layer_default("gate"),
+        metadata={"help": "forget gate of causal fast-weight self-attention (not in the paper): "
+                          "'scalar' decays the state (and the normaliser z) by a_t = exp(g_t) per "
+                          "head and step, g_t = -exp(A) softplus(w . x_t + b) as in Mamba-2 and "
+                          "Gated DeltaNet (Yang et al., ICLR 2025), a_t near 1 at the start"})
+    fwp_beta_range: ChoiceEnum(BETA_RANGES) = field(
+        default=_layer_default("beta_range"),
+        metadata={"help": "range of the delta rule's beta: 'unit' (0, 1) as in the paper, "
+                          "'double' (0, 2) (Grazzi et al., ICLR 2025: negative eigenvalues for "
+                          "state tracking); a reflection needs unit keys: use it with "
+                          "--fwp-l2-normalize (e.g. --fwp-kernel identity)"})
+    fwp_softmax_layers: str = field(
+        default="", metadata={"help": "hybrid model: comma-separated decoder layer indices (from 0) "
+                                      "that keep fairseq's softmax attention (self-attention and, in "
+                                      "fwp_transformer, encoder-decoder attention); fast weights "
+                                      "elsewhere"})
 
 
 @dataclass
@@ -82,6 +100,9 @@ class FwpTransformerFields(FwpFields):
         default=False, metadata={"help": "keep softmax attention in decoder self-attention"})
     fwp_softmax_encoder_decoder_attn: bool = field(
         default=False, metadata={"help": "keep softmax attention in encoder-decoder attention"})
+    fwp_softmax_encoder_layers: str = field(
+        default="", metadata={"help": "hybrid model: comma-separated encoder layer indices (from 0) "
+                                      "that keep fairseq's softmax self-attention"})
 
 
 @dataclass
@@ -99,6 +120,10 @@ class FwpOptions:
     encoder_self_attn: bool
     decoder_self_attn: bool
     encoder_decoder_attn: bool
+    gate: str
+    beta_range: str
+    softmax_layers: tuple  # decoder layers that keep fairseq's attention
+    softmax_encoder_layers: tuple
 
     @property
     def fast(self):
@@ -132,6 +157,26 @@ def _tri_state(args, on, off, what):
 _FIELD_DEFAULTS = {f.name: f.default for f in fields(FwpTransformerFields)}
 
 
+def _layer_list(value, flag):
+    """"0,8" -> (0, 8); "" -> (). The range is checked against the model (install_fast_weights)."""
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    if not all(s.isdigit() for s in items):
+        raise ValueError(f"{flag}: expected comma-separated layer indices >= 0, got {value!r}")
+    return tuple(sorted({int(s) for s in items}))
+
+
+def _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm):
+    """--fwp-gate / --fwp-beta-range act on the fast-weight recurrence of causal layers."""
+    if kernel == "softmax" and (gate != "none" or beta_range != "unit"):
+        flag = "--fwp-gate" if gate != "none" else "--fwp-beta-range"
+        raise ValueError(f"{flag}: --fwp-kernel softmax has no fast weights to gate or write")
+    if beta_range != "unit" and update != "delta":
+        raise ValueError(f"--fwp-beta-range: {beta_range!r} needs --fwp-update delta (the sum rule has no beta)")
+    if beta_range == "double" and not l2_norm:
+        logger.warning("--fwp-beta-range double without --fwp-l2-normalize: |phi(k)| < 1, so "
+                       "1 - beta |phi(k)|^2 cannot reach -1 (no reflection)")
+
+
 def fwp_options(args):
     """Validate the --fwp-* flags of a model's args (Namespace or DictConfig) -> FwpOptions.
     Errors name the flag; a flag missing from args takes its dataclass default."""
@@ -154,6 +199,12 @@ def fwp_options(args):
     attn_norm = _tri_state(args, "fwp_attn_normalize", "fwp_no_attn_normalize", "attention normaliser")
     sum_norm = _tri_state(args, "fwp_sum_normalize", "fwp_no_sum_normalize", "sum normalisation")
     l2_norm = bool(get("fwp_l2_normalize"))
+    gate, beta_range = str(get("fwp_gate")), str(get("fwp_beta_range"))
+    if gate not in GATES:
+        raise ValueError(f"--fwp-gate: expected one of {', '.join(GATES)}, got {gate!r}")
+    if beta_range not in BETA_RANGES:
+        raise ValueError(f"--fwp-beta-range: expected one of {', '.join(BETA_RANGES)}, got {beta_range!r}")
+    _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm)
     # The layers resolve the defaults; contradictions fail here, at start-up, naming the flag.
     resolve_normalisation(kernel, update, attn_norm, sum_norm, l2_norm, names=FLAGS)
     if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
@@ -172,6 +223,9 @@ def fwp_options(args):
         encoder_self_attn=not bool(get("fwp_softmax_encoder_self_attn")),
         decoder_self_attn=not bool(get("fwp_softmax_decoder_self_attn")),
         encoder_decoder_attn=not bool(get("fwp_softmax_encoder_decoder_attn")),
+        gate=gate, beta_range=beta_range,
+        softmax_layers=_layer_list(get("fwp_softmax_layers"), "--fwp-softmax-layers"),
+        softmax_encoder_layers=_layer_list(get("fwp_softmax_encoder_layers"), "--fwp-softmax-encoder-layers"),
     )
 
 
@@ -182,7 +236,15 @@ def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=F
         encoder_decoder_attention=cross, causal=causal, feature_map=opts.feature_map,
         update=opts.update, dpfp_nu=opts.dpfp_nu, performer_features=opts.performer_features,
         attn_normalize=opts.attn_normalize, sum_norm=opts.sum_norm, l2_norm=opts.l2_norm,
-        seed=opts.seed * 10_007 + seed_offset, impl=opts.impl)
+        seed=opts.seed * 10_007 + seed_offset, impl=opts.impl,
+        gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit")
+
+
+def _check_layer_indices(indices, layers, flag):
+    n = 0 if layers is None else len(layers)
+    bad = [i for i in indices if i >= n]
+    if bad:
+        raise ValueError(f"{flag}: layer {bad[0]} does not exist (the model has {n} such layers, 0..{n - 1})")
 
 
 def install_fast_weights(opts, encoder=None, decoder=None):
@@ -191,14 +253,25 @@ def install_fast_weights(opts, encoder=None, decoder=None):
     keeps every other part of fairseq's model (and its checkpoints' other keys) unchanged."""
     if not opts.fast:
         return
+    _check_layer_indices(opts.softmax_encoder_layers, getattr(encoder, "layers", None),
+                         "--fwp-softmax-encoder-layers")
+    _check_layer_indices(opts.softmax_layers, getattr(decoder, "layers", None), "--fwp-softmax-layers")
+    fast_causal = opts.decoder_self_attn and decoder is not None and len(opts.softmax_layers) < len(decoder.layers)
+    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit"):
+        flag = "--fwp-gate" if opts.gate != "none" else "--fwp-beta-range"
+        raise ValueError(f"{flag}: acts on fast-weight decoder self-attention, and no decoder layer has it")
     if encoder is not None and opts.encoder_self_attn:
         for i, layer in enumerate(encoder.layers):
+            if i in opts.softmax_encoder_layers:
+                continue  # a hybrid model's softmax layer
             a = layer.self_attn
             layer.self_attn = build_attention(opts, a.embed_dim, a.num_heads, 3 * i)
     if decoder is None:
         return
     offset = 3 * len(encoder.layers) if encoder is not None else 0
     for i, layer in enumerate(decoder.layers):
+        if i in opts.softmax_layers:
+            continue  # a hybrid model's softmax layer: fairseq's self- and encoder-decoder attention
         if opts.decoder_self_attn:
             a = layer.self_attn
             if getattr(layer, "cross_self_attention", False):

@@ -3,7 +3,8 @@
 
 By default all three attention types use fast weights, as in the paper; each can keep fairseq's
 softmax attention (--fwp-softmax-encoder-self-attn etc.), and --fwp-kernel softmax is the plain
-fairseq Transformer with the same flags and checkpoint layout."""
+fairseq Transformer with the same flags and checkpoint layout. Hybrids keep whole layers softmax:
+--fwp-softmax-layers (decoder: self- and encoder-decoder attention), --fwp-softmax-encoder-layers."""
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
     TransformerModel,

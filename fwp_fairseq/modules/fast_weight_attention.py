@@ -27,18 +27,20 @@ from ..ops import UPDATES, fast_weight_delta, fast_weight_read, fast_weight_stat
 from .carried_state import CarriedState
 from .feature_maps import (FEATURE_MAPS, PHI_NORMS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
+from .gate import BETA_SCALE, ScalarGate, check_gate_options, decayed_cumsum
 from .precision import recurrence_dtype, to_accumulation
 
 
 @with_incremental_state
 class FastWeightAttention(nn.Module):
     """feature_map: a name in FEATURE_MAPS; update: the rule of causal attention ("sum" or
-    "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default)."""
+    "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default);
+    gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, feature_map="linear", update="sum",
                  dpfp_nu=1, performer_features=16, attn_normalize=None, sum_norm=None,
-                 l2_norm=False, seed=1, impl="auto", eps=1e-5):
+                 l2_norm=False, seed=1, impl="auto", eps=1e-5, gate="none", beta_range="unit"):
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim: {embed_dim} must be divisible by num_heads ({num_heads})")
@@ -61,6 +63,8 @@ class FastWeightAttention(nn.Module):
         self.feature_map_name = feature_map
         # Non-causal attention writes every key before reading: the sum rule, whatever `update`.
         self.update = update if causal else "sum"
+        check_gate_options(gate, beta_range, self.update, causal)
+        self.beta_range = beta_range
         self.attn_normalize, self.phi_norm = resolve_normalisation(
             feature_map, self.update, attn_normalize, sum_norm, l2_norm)
         self.impl = impl
@@ -72,6 +76,8 @@ class FastWeightAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         # beta_t = sigmoid(w_beta . x_t): one scalar per head and step, no bias (the paper).
         self.beta_proj = nn.Linear(embed_dim, num_heads, bias=False) if self.update == "delta" else None
+        # No parameters without the gate: the paper's checkpoints keep their keys.
+        self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
         self.num_updates = 0
         self.carry_state = False  # set_carry_state
         self._carried = CarriedState()
@@ -91,7 +97,8 @@ class FastWeightAttention(nn.Module):
     def extra_repr(self):
         return (f"feature_map={self.feature_map_name}, update={self.update}, causal={self.causal}, "
                 f"attn_normalize={self.attn_normalize}, phi_norm={self.phi_norm}, "
-                f"d_dot={self.feature_map.out_dim}")
+                f"d_dot={self.feature_map.out_dim}, gate={'none' if self.gate is None else 'scalar'}, "
+                f"beta_range={self.beta_range}")
 
     # -- fairseq hooks -------------------------------------------------------------------
     def set_num_updates(self, num_updates):
@@ -240,19 +247,25 @@ class FastWeightAttention(nn.Module):
         state0, z0 = self._state_in(incremental_state, q.size(0))
         keep = incremental_state is not None or self.carry_state
         z = None
-        if self.attn_normalize:
+        g = None if self.gate is None else self.gate(query)  # (B, H, T) log-decays
+        gated = {} if g is None else {"g": g.to(q.dtype)}
+        if self.attn_normalize and g is not None:
+            z = decayed_cumsum(to_accumulation(k), g, z0)  # z_t = a_t z_{t-1} + phi(k_t)
+        elif self.attn_normalize:
             z = to_accumulation(k).cumsum(2)  # z_t = z_{t-1} + phi(k_t)
             if z0 is not None:
                 z = z + z0
         if self.update == "delta":
             beta = torch.sigmoid(self.beta_proj(query)).permute(1, 2, 0)  # (B, H, T)
+            if self.beta_range != "unit":
+                beta = BETA_SCALE[self.beta_range] * beta
             if z is not None:
                 k, beta = self._normalised_delta_inputs(k, beta, z)
             out, state = fast_weight_delta(q, k, v, beta.to(q.dtype), initial_state=state0,
-                                           output_final_state=keep, impl=self.impl)
+                                           output_final_state=keep, impl=self.impl, **gated)
         else:
             out, state = fast_weight_sum(q, k, v, initial_state=state0, output_final_state=keep,
-                                         impl=self.impl)
+                                         impl=self.impl, **gated)
         if keep:
             self._state_out(incremental_state, state, None if z is None else z[:, :, -1:])
         return out if z is None else self._normalise(out, q, z)
@@ -277,7 +290,8 @@ class FastWeightAttention(nn.Module):
     def _normalised_delta_inputs(self, k, beta, z):
         """The delta rule with v_bar_t = W_{t-1} phi(k_t) / (z_{t-1} . phi(k_t)) is the plain
         delta rule on k' = k / d_t, beta' = beta * d_t with d_t = z_{t-1} . phi(k_t), since
-        beta' k' = beta k. Where nothing was written yet W_{t-1} = 0 and any d works: use 1."""
+        beta' k' = beta k. Where nothing was written yet W_{t-1} = 0 and any d works: use 1.
+        With a gate z - phi(k_t) is a_t z_{t-1}, the normaliser of the decayed read a_t W_{t-1}."""
         kf = to_accumulation(k)
         z_prev = z - kf
         d = (z_prev * kf).sum(-1)
