@@ -123,13 +123,7 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(ChunkBwdParams p) {
     } else {
       __syncthreads();
       // (I + A)^T dVb = dU, A[r][i] = beta_r k_r.k_i (i < r): back substitution, dVb in du.
-      for (int j = threadIdx.x; j < BV; j += kThreads) {
-        for (int i = n - 2; i >= 0; --i) {
-          acc_t s = 0;
-          for (int r = i + 1; r < n; ++r) s += m.beta[r] * m.a[r * Cf::AC + i] * m.du[r * Cf::AV + j];
-          m.du[i * Cf::AV + j] -= s;
-        }
-      }
+      solve_unit_triangular<BV, false>(m.du, Cf::AV, m.a, Cf::AC, m.beta, n);
       __syncthreads();
       store_tile(static_cast<acc_t*>(p.dv) + vo + t0 * Dv, Dv, m.du, Cf::AV, n, cols);
       round_tile(m.nvb, LV, m.du, Cf::AV, C, BV, 1 << 20, acc_t(-1));

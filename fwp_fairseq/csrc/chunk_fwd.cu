@@ -99,13 +99,7 @@ __global__ void __launch_bounds__(kThreads) chunk_fwd_kernel(ChunkFwdParams p) {
         m.x[r * Cf::AV + j] = m.beta[r] * (vj - m.x[r * Cf::AV + j]);
       }
       __syncthreads();
-      for (int j = threadIdx.x; j < BV; j += kThreads) {
-        for (int r = 1; r < n; ++r) {
-          acc_t s = 0;
-          for (int i = 0; i < r; ++i) s += m.a[r * Cf::AC + i] * m.x[i * Cf::AV + j];
-          m.x[r * Cf::AV + j] -= m.beta[r] * s;
-        }
-      }
+      solve_unit_triangular<BV, true>(m.x, Cf::AV, m.a, Cf::AC, m.beta, n);
       __syncthreads();
       round_tile(m.uh, Cf::LV, m.x, Cf::AV, C, BV);
       if (p.u) store_tile(static_cast<acc_t*>(p.u) + vo + t0 * Dv, Dv, m.x, Cf::AV, n, cols);

@@ -92,6 +92,32 @@ FWP_DEVICE void round_tile(D* dst, int ldd, const S* src, int lds, int rows, int
   }
 }
 
+// The triangular solves of the delta rule, in place on x (C x BV, leading dimension ld), rows
+// 0..n-1, where the unit lower-triangular system has off-diagonal (r, i) = beta_r a[r * lda + i]:
+//   forward  (FORWARD):  (I + L) y = x, row r from the rows before it,
+//   backward (!FORWARD): (I + L)^T y = x, row i from the rows after it.
+// Column j belongs to a group of R = kThreads / BV consecutive lanes (all 128 threads busy); each
+// lane sums every R-th term, a butterfly gives the group the (bit-identical) total, lane 0 of the
+// group writes the row, and __syncwarp makes it visible before the next row.
+template <int BV, bool FORWARD, typename A>
+FWP_DEVICE void solve_unit_triangular(A* x, int ld, const A* a, int lda, const A* beta, int n) {
+  constexpr int R = kThreads / BV;
+  static_assert(R * BV == kThreads && R <= 32, "a group of lanes per value column");
+  const int j = threadIdx.x / R, g = threadIdx.x % R;
+  for (int step = 1; step < n; ++step) {
+    const int r = FORWARD ? step : n - 1 - step;
+    A s[1] = {A(0)};
+    if (FORWARD) {
+      for (int i = g; i < r; i += R) s[0] += a[r * lda + i] * x[i * ld + j];
+    } else {
+      for (int i = r + 1 + g; i < n; i += R) s[0] += beta[i] * a[i * lda + r] * x[i * ld + j];
+    }
+    group_sum<R>(s);
+    if (g == 0) x[r * ld + j] -= FORWARD ? beta[r] * s[0] : s[0];
+    FWP_SYNCWARP();
+  }
+}
+
 // ---- host side ----
 
 // f(ChunkCfg<In, DK, BV, DELTA>{}) for the runtime dtype, key size, value tile and rule.

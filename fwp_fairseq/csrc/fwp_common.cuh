@@ -14,6 +14,7 @@
 #define FWP_DEVICE inline
 #define FWP_DECLARE_SMEM(name) unsigned char* name = ::fwp_emu::shared_memory()
 #define FWP_SHFL_XOR(v, off) ::fwp_emu::shfl_xor((v), (off))
+#define FWP_SYNCWARP() ::fwp_emu::syncwarp()
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,6 +23,7 @@
 #define FWP_DEVICE __device__ __forceinline__
 #define FWP_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define FWP_SHFL_XOR(v, off) __shfl_xor_sync(0xffffffffu, (v), (off))
+#define FWP_SYNCWARP() __syncwarp()
 #endif
 
 namespace fwp {

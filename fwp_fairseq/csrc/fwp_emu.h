@@ -94,6 +94,9 @@ T shfl_xor(T v, int off) {
   return r;
 }
 
+// __syncwarp: every lane of the warp waits for the others (the emulated lanes are threads).
+inline void syncwarp() { tl_blk->warps[tl_thread.x / 32].bar.wait(); }
+
 template <typename F>
 void launch(long long grid, int threads, size_t smem, F&& body) {
   for (long long b = 0; b < grid; ++b) {
