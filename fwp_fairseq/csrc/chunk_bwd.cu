@@ -57,7 +57,7 @@ struct BwdSmem {
 };
 
 template <typename Cf>
-__global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(ChunkBwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) chunk_bwd_kernel(ChunkBwdParams p) {
   using in_t = typename Cf::in_t;
   using acc_t = typename Cf::acc_t;
   constexpr int C = Cf::C, DK = Cf::DK, BV = Cf::BV, LK = Cf::LK, LV = Cf::LV, LC = Cf::LC;

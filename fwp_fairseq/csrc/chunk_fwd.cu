@@ -47,7 +47,7 @@ struct FwdSmem {
 };
 
 template <typename Cf>
-__global__ void __launch_bounds__(kThreads) chunk_fwd_kernel(ChunkFwdParams p) {
+__global__ void __launch_bounds__(kThreads, 1) chunk_fwd_kernel(ChunkFwdParams p) {
   using in_t = typename Cf::in_t;
   using acc_t = typename Cf::acc_t;
   constexpr int C = Cf::C, DK = Cf::DK, BV = Cf::BV;
