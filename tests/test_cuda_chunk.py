@@ -3,8 +3,9 @@
 g++ -DFWP_EMU compiles them with fwp_emu.h (every CUDA thread a CPU thread) and fwp_mma.cuh's
 emulated warp tile products (the same warp-collective calls as WMMA, in plain loops), and
 cuda_chunk's autograd code drives them through ctypes exactly as it drives the extension. The
-emulator has no half types: the tile inputs are fp32 or fp64, so these tests check the algorithm,
-the tiling and the indexing against the fp64 reference; fp16/bf16 rounding is the GPU tests' job."""
+emulator runs the tile inputs in fp64 and fp32 (the algorithm, the tiling and the indexing, against
+the fp64 reference) and in fp16 (_Float16) and bf16 (fwp_emu::bf16, rounding as on the GPU), where
+the tile products accumulate in fp32 in their own order (not the tensor cores' bit for bit)."""
 import ctypes
 import math
 
@@ -15,12 +16,12 @@ from fwp_fairseq.ops import cuda_chunk
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import build_kernel_emulator, positive_inputs
+from helpers import CHUNK_HALF_TOL, build_kernel_emulator, positive_inputs, rel_rms
 
 KERNELS = ("chunk_fwd.cu", "chunk_bwd.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fwp_mma.cuh",
            "fwp_emu.h")
-CODES = {torch.float32: 0, torch.float64: 3}
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 class ChunkEmulator:
@@ -135,6 +136,22 @@ def test_chunk_kernels_every_head_size(emu, Dk, Dv, delta):
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_chunk_kernels_long_sequence_fp32_without_initial_state(emu, delta):
     _check(emu, (1, 1, 1000, 16, 16), delta, torch.float32, 2e-5, with_h0=False, seed=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_chunk_kernels_half_inputs_round_like_the_gpu(emu, dtype, delta):
+    """fp16/bf16 inputs: outputs and every gradient within the GPU tests' relative RMS error of
+    the fp64 reference on the same rounded inputs."""
+    inputs = positive_inputs(1, 2, 150, 64, 32, dtype, seed=7)
+    got = _run(_emu_fn(emu, delta), inputs, delta)
+    want = _run(_ref_fn(delta), [x.double() for x in inputs], delta)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    pairs = [("o", got[0], want[0]), ("final", got[1], want[1])]
+    pairs += [(n, got[2][n], want[2][n]) for n in want[2]]
+    for name, a, b in pairs:
+        err = rel_rms(a, b)
+        assert err < CHUNK_HALF_TOL[dtype], (name, err)
 
 
 def test_chunk_kernels_are_bit_reproducible(emu):

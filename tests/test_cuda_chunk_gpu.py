@@ -9,13 +9,10 @@ from fwp_fairseq.ops import cuda_available, cuda_backend
 from fwp_fairseq.ops.delta_rule.chunked import delta_rule_chunked
 from fwp_fairseq.ops.sum_rule.chunked import sum_rule_chunked
 
-from helpers import positive_inputs
+from helpers import CHUNK_HALF_TOL, positive_inputs, rel_rms
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 DELTA = pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
-# relative RMS error against fp64 on the same (rounded) inputs: operands of the tile products are
-# rounded to the input type (S, U, P), so bf16 (8-bit mantissa) gets more room than fp16.
-TOL = {torch.float16: 0.01, torch.bfloat16: 0.03}
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +48,14 @@ def _run(fn, inputs, with_h0=True):
     return out
 
 
-def _rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return (((a - b) ** 2).mean().sqrt() / (b ** 2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 def _check(shape, dtype, delta, device, with_h0=True, seed=0):
     inputs = positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
     got = _run(_chunk(delta), inputs, with_h0)
     want = _run(_ref(delta), [x.double() for x in inputs], with_h0)
     assert got["o"].dtype == dtype and got["final"].dtype == torch.float32
     for name in want:
-        assert _rel_rms(got[name], want[name]) < TOL[dtype], (name, _rel_rms(got[name], want[name]))
+        err = rel_rms(got[name], want[name])
+        assert err < CHUNK_HALF_TOL[dtype], (name, err)
 
 
 @pytest.mark.gpu

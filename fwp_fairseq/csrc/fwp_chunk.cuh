@@ -53,7 +53,10 @@ struct Carver {
 
 FWP_DEVICE float round_in(float x, float*) { return x; }
 FWP_DEVICE double round_in(double x, double*) { return x; }
-#ifndef FWP_EMU
+#ifdef FWP_EMU
+inline ::fwp_emu::f16 round_in(float x, ::fwp_emu::f16*) { return static_cast<::fwp_emu::f16>(x); }
+inline ::fwp_emu::bf16 round_in(float x, ::fwp_emu::bf16*) { return ::fwp_emu::bf16(x); }
+#else
 FWP_DEVICE __half round_in(float x, __half*) { return __float2half_rn(x); }
 FWP_DEVICE __nv_bfloat16 round_in(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
 #endif
@@ -143,11 +146,13 @@ const char* chunk_dispatch(int dtype, int Dk, int bv, bool delta, F&& f) {
 #ifdef FWP_EMU
     case kF32: return by_dtype(Tag<float>{});
     case kF64: return by_dtype(Tag<double>{});
+    case kF16: return by_dtype(Tag<::fwp_emu::f16>{});
+    case kBF16: return by_dtype(Tag<::fwp_emu::bf16>{});
 #else
     case kF16: return by_dtype(Tag<__half>{});
     case kBF16: return by_dtype(Tag<__nv_bfloat16>{});
 #endif
-    default: return "fwp_chunk: unsupported dtype (fp16, bf16 on the GPU; fp32, fp64 emulated)";
+    default: return "fwp_chunk: unsupported dtype (fp16, bf16; fp32, fp64 only emulated)";
   }
 }
 
