@@ -11,7 +11,7 @@ once a sequence holds a few chunks); the crossovers are to be set from GPU measu
 """
 from typing import NamedTuple
 
-import torch
+from . import cuda_backend, cuda_chunk
 
 
 class Row(NamedTuple):
@@ -23,12 +23,10 @@ class Row(NamedTuple):
     gated_ok: bool = False
 
 
-HALF = (torch.float16, torch.bfloat16)
-ANY = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
+# The kernels' own limits bound the rows; min_t is the placeholder crossover.
 TABLE = (
-    Row("cuda-chunk", HALF, max_dk=256, max_dv=128, min_t=128),  # placeholder crossover
-    Row("cuda", ANY, max_dk=512, max_dv=256, gated_ok=True),
+    Row("cuda-chunk", cuda_chunk.GPU_DTYPES, cuda_chunk.KEY_SIZES[-1], cuda_chunk.MAX_DV, min_t=128),
+    Row("cuda", cuda_backend.DTYPES, cuda_backend.MAX_DK, cuda_backend.MAX_DV, gated_ok=True),
 )
 IMPLS = ("cuda-chunk", "cuda", "chunked")
 
