@@ -8,6 +8,9 @@ Semantics are those of sum_rule/reference.py and delta_rule/reference.py, with a
 gate g (B, H, T): a_t = exp(g_t) decays the state before each step's write (S'_t = a_t S_{t-1}; the
 delta rule reads S'_t). State and accumulation are fp32 (fp64 for fp64 inputs), outputs in the
 input dtype, and every result is deterministic.
+
+kernel="sequential" (the default) runs the step-by-step recurrence (recurrence_fwd.cu, state_grad.cu,
+qk_grad.cu); kernel="chunk" the chunkwise tensor-core kernels (cuda_chunk.py: fp16/bf16, no gate).
 """
 import contextlib
 import math
