@@ -237,9 +237,24 @@ def write_chunk_table(results, path, device):
         f.write("\n".join(lines) + "\n")
 
 
+def chunk_check():
+    """Relative RMS difference of the chunk kernel's bf16 delta-rule output from fp64 (T=300,
+    D=64): a wrong kernel shows here before its timings are read."""
+    q, k, v, b = [x.detach() for x in make_inputs(300, 64, torch.bfloat16)]
+    with torch.no_grad():
+        ref = fast_weight_delta(q.double(), k.double(), v.double(), b.double(), impl="chunked")[0]
+        try:
+            o = _chunk_kernel(q, k, v, b).double()
+        except Exception as e:  # noqa: BLE001
+            return f"error: {type(e).__name__}: {str(e)[:300]}"
+    return ((o - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
 def run_chunk_suite(args, meta, fla_ops):
     """Shape by shape, every method of CHUNK_METHODS (side by side in this process); partial
     results in DIR/chunk.json after each run."""
+    meta["chunk_check_rel_rms"] = chunk_check()
+    print("chunk check:", meta["chunk_check_rel_rms"], flush=True)
     table, results, t_start = methods(fla_ops), [], time.time()
     for b, h, T, D in CHUNK_SHAPES:
         for name in CHUNK_METHODS:

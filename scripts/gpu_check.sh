@@ -4,7 +4,8 @@
 #   2. builds the CUDA extension just in time (ninja) for TORCH_CUDA_ARCH_LIST (default 9.0),
 #   3. runs benchmarks/gpu_ops.py --suite chunk (the chunk kernels, chunk.md; about half the
 #      benchmark budget, GPU_CHECK_CHUNK_S), then benchmarks/gpu_ops.py (bench.md),
-#   4. runs tests/test_cuda_chunk_gpu.py, tests/test_cuda_ops.py and the ops tests,
+#   4. runs tests/test_cuda_ops.py, the ops tests and tests/test_cuda_chunk_gpu.py (last: a
+#      faulting new kernel cannot take the others' CUDA context down with it),
 # and writes $OUT/results.json, $OUT/table.md and $OUT/log.txt, all inside about 8 minutes.
 # GPU_CHECK_ALONGSIDE="command" (e.g. "bash scripts/gpu_recipes.sh") runs next to steps 2 and 4
 # in a session of its own, is paused (SIGSTOP) while the benchmark runs so that the timings are
@@ -108,7 +109,7 @@ if [ $BUILD_RC -eq 0 ]; then
   PER_TEST=(); "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 60)
   LEFT=$(( TOTAL_S - $(elapsed) - 15 ))
   timeout $(( LEFT < 150 ? (LEFT > 30 ? LEFT : 30) : 150 )) "$PY" -m pytest -q -p no:cacheprovider -rfEs \
-    "${PER_TEST[@]}" --junitxml="$OUT/pytest.xml" tests/test_cuda_chunk_gpu.py tests/test_cuda_ops.py tests/test_ops_*.py
+    "${PER_TEST[@]}" --junitxml="$OUT/pytest.xml" tests/test_cuda_ops.py tests/test_ops_*.py tests/test_cuda_chunk_gpu.py
   TEST_RC=$?
 fi
 TEST_S=$(elapsed)
