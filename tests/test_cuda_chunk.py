@@ -7,7 +7,6 @@ emulator runs the tile inputs in fp64 and fp32 (the algorithm, the tiling and th
 the fp64 reference) and in fp16 (_Float16) and bf16 (fwp_emu::bf16, rounding as on the GPU), where
 the tile products accumulate in fp32 in their own order (not the tensor cores' bit for bit)."""
 import ctypes
-import math
 
 import pytest
 import torch
@@ -125,7 +124,7 @@ def test_chunk_kernels_match_reference_around_the_chunk(emu, T, delta):
     _check(emu, (1, 2, T, 32, 48), delta)
 
 
-# Every key size (the 256 one runs 32-step chunks) and every value size, padding included.
+# Every key size (128 and 256 run 32-step chunks) and every value size, padding included.
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("Dk,Dv", [(16, 16), (32, 32), (64, 64), (128, 128), (256, 16), (12, 20),
                                    (100, 72)])
@@ -172,7 +171,7 @@ def test_chunk_forward_without_grad_stores_nothing(emu):
 
 
 def test_chunk_sizes_are_reported(emu):
-    assert emu.chunk_len(64) == 64 and emu.chunk_len(256) == 32
+    assert emu.chunk_len(64) == 64 and emu.chunk_len(128) == 32 and emu.chunk_len(256) == 32
     assert emu.chunk_value_tile(16) == 16 and emu.chunk_value_tile(128) == 32
     q, k, v, beta, h0 = positive_inputs(1, 1, 5, 16, 16, torch.float64)
     # 24 is no kernel key size: only the Python side pads
@@ -181,7 +180,6 @@ def test_chunk_sizes_are_reported(emu):
     with pytest.raises(ValueError, match="Dv=144"):
         cuda_chunk.apply_chunked(emu, q, k, torch.zeros(1, 1, 5, 144, dtype=torch.float64), beta,
                                  None, False, True)
-    assert math.isfinite(float(q.sum()))
 
 
 def test_supports_routes_gate_and_wide_dtypes_elsewhere():

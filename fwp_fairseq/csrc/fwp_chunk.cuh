@@ -20,8 +20,10 @@
 
 namespace fwp {
 
-// Chunk length: 64 steps, 32 for Dk = 256 (shared memory).
-constexpr int chunk_len(int Dk) { return Dk >= 256 ? 32 : 64; }
+// Chunk length: 64 steps, 32 for Dk >= 128, so that every variant's shared memory (at most about
+// 160 KB, the backward with Dk = 256) fits an sm_80 CTA (163 KB) and Dk = 128 runs two CTAs per
+// SM on sm_90.
+constexpr int chunk_len(int Dk) { return Dk >= 128 ? 32 : 64; }
 // Value columns per CTA.
 constexpr int value_tile(int Dv) { return Dv >= 32 ? 32 : 16; }
 
