@@ -55,7 +55,8 @@ def _cuda_extension_kwargs():
         return {}
     csrc = os.path.join("fwp_fairseq", "csrc")
     sources = [os.path.join(csrc, f) for f in
-               ("binding.cpp", "recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")]
+               ("binding.cpp", "recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu", "chunk_fwd.cu",
+                "chunk_bwd.cu")]
     ext = CUDAExtension("fwp_fairseq._fwp_cuda", sources,
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

@@ -1,6 +1,14 @@
 """GPU benchmark of the fast-weight recurrences against the fastest public baselines.
 
     python benchmarks/gpu_ops.py --out DIR [--T 512 2048 8192] [--D 64 128] [--budget-s 240]
+    python benchmarks/gpu_ops.py --suite chunk --out DIR [--budget-s 240]
+
+--suite chunk: the chunkwise tensor-core kernels (kernel="chunk", delta rule bf16) side by side
+with the sequential kernel (bf16), causal flash SDPA (bf16), fla's chunk_delta_rule (bf16) and
+fused_recurrent_delta_rule (bf16), shape by shape in one process (every ratio from one run), at
+the paper's shapes (arXiv 2102.11174, Sec. 6: B*H = 768, D = 16, T = 256; B*H = 448, D = 32,
+T = 384; B*H = 2048, D = 64, T = 64) and at B = 8, H = 8, T = 512 ... 16384, D = 64, 128:
+forward, forward+backward and peak memory; DIR/chunk.json after every run, DIR/chunk.md at the end.
 
 B=8, H=8. For every (T, D): forward+backward (and forward without grad) time of
   cuda / chunked / auto    fwp_fairseq.ops (delta rule fp32 and bf16, sum rule fp32)
@@ -23,6 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fwp_fairseq.ops import cuda_available, fast_weight_delta, fast_weight_sum  # noqa: E402
 
 B, H = 8, 8
+# (B, H, T, D) of the chunk suite: the paper's shapes, then the long-sequence sweep.
+CHUNK_SHAPES = ([(96, 8, 256, 16), (56, 8, 384, 32), (256, 8, 64, 64)]
+                + [(8, 8, T, D) for T in (512, 1024, 2048, 4096, 8192, 16384) for D in (64, 128)])
+CHUNK_METHODS = ["chunk_delta_bf16", "cuda_delta_bf16", "sdpa_flash_bf16", "fla_chunk_bf16",
+                 "fla_fused_recurrent_bf16"]
 
 
 def _features(shape, dtype, gen):
@@ -30,10 +43,10 @@ def _features(shape, dtype, gen):
     return (x / x.sum(-1, keepdim=True)).to(dtype)
 
 
-def make_inputs(T, D, dtype, layout="bhtd", seed=0):
+def make_inputs(T, D, dtype, layout="bhtd", seed=0, b=B, h=H):
     """Sum-normalised q, k (as the delta-rule models use), v, beta; all requiring grad."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    shape = (B, H, T, D) if layout == "bhtd" else (B, T, H, D)
+    shape = (b, h, T, D) if layout == "bhtd" else (b, T, h, D)
     q, k = _features(shape, dtype, gen), _features(shape, dtype, gen)
     v = torch.randn(shape, generator=gen, device="cuda").to(dtype)
     beta = torch.rand(shape[:3], generator=gen, device="cuda").to(dtype)
@@ -44,6 +57,12 @@ def _ours(rule, impl):
     if rule == "delta":
         return lambda q, k, v, b: fast_weight_delta(q, k, v, b, impl=impl)[0]
     return lambda q, k, v, b: fast_weight_sum(q, k, v, impl=impl)[0]
+
+
+def _chunk_kernel(q, k, v, b):
+    from fwp_fairseq.ops import cuda_backend
+
+    return cuda_backend.delta_rule_cuda(q, k, v, b, kernel="chunk")[0]
 
 
 def _sdpa(q, k, v, b):
@@ -70,7 +89,8 @@ def _fla_fn(op):
 # (T=8192), auto bf16 vs fla's chunk kernel; then the rest.
 PRIORITY = ["cuda_delta_fp32", "fla_fused_recurrent_fp32", "sdpa_flash_bf16", "auto_delta_bf16",
             "fla_chunk_bf16", "chunked_delta_bf16", "auto_delta_fp32", "cuda_sum_fp32",
-            "chunked_delta_fp32", "cuda_delta_bf16", "sdpa_flash_fp16"]
+            "chunked_delta_fp32", "cuda_delta_bf16", "sdpa_flash_fp16", "chunk_delta_bf16",
+            "fla_fused_recurrent_bf16"]
 
 
 # name -> (function maker, dtype, layout)
@@ -90,6 +110,8 @@ def methods(fla_ops):
         fused, chunk = fla_ops
         m["fla_fused_recurrent_fp32"] = (lambda: _fla_fn(fused), torch.float32, "bthd")
         m["fla_chunk_bf16"] = (lambda: _fla_fn(chunk), torch.bfloat16, "bthd")
+        m["fla_fused_recurrent_bf16"] = (lambda: _fla_fn(fused), torch.bfloat16, "bthd")
+    m["chunk_delta_bf16"] = (lambda: _chunk_kernel, torch.bfloat16, "bhtd")
     return m
 
 
@@ -122,7 +144,13 @@ def bench_one(fn, inputs, reps):
         with torch.no_grad():
             fn(q, k, v, b)
 
-    return {"fwd_bwd_ms": _time(fwd_bwd, reps), "fwd_ms": _time(fwd, reps)}
+    rec = {"fwd_bwd_ms": _time(fwd_bwd, reps), "fwd_ms": _time(fwd, reps)}
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()  # peak memory above the inputs, of one forward+backward
+    torch.cuda.synchronize()
+    rec["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return rec
 
 
 def cross_check(fla_ops):
@@ -146,6 +174,7 @@ def cross_check(fla_ops):
 
 
 def write_table(results, path, device):
+    results = [r for r in results if (r.get("B", B), r.get("H", H)) == (B, H)]
     measured = {r["method"] for r in results if "fwd_bwd_ms" in r}
     names = sorted(measured, key=lambda n: (not n.startswith("cuda"), n))
     unmeasured = sorted({r["method"] for r in results} - measured)
@@ -179,6 +208,77 @@ def write_table(results, path, device):
         f.write("\n".join(lines) + "\n")
 
 
+def write_chunk_table(results, path, device):
+    """The chunk suite's table: a row per shape, a cell per method (fwd+bwd ms, forward ms, peak
+    MiB), and the chunk kernel's time over each other method's (below 1: the chunk kernel is
+    faster); cells that did not run say why."""
+    get = {(r["B"], r["H"], r["T"], r["D"], r["method"]): r for r in results}
+    shapes = list(dict.fromkeys((r["B"], r["H"], r["T"], r["D"]) for r in results))
+    others = CHUNK_METHODS[1:]
+    lines = [f"Delta rule, ms forward+backward / forward / peak MiB, on {device}.", "",
+             "| B | H | T | D | " + " | ".join(CHUNK_METHODS) + " | "
+             + " | ".join(f"chunk/{n}" for n in others) + " |",
+             "|---|---|---|---|" + "---|" * (len(CHUNK_METHODS) + len(others))]
+    for shape in shapes:
+        cells, fb = [], {}
+        for n in CHUNK_METHODS:
+            r = get.get((*shape, n))
+            if r is None:
+                cells.append("n/a")
+            elif "fwd_bwd_ms" in r:
+                fb[n] = r["fwd_bwd_ms"]
+                cells.append(f"{r['fwd_bwd_ms']:.2f} / {r['fwd_ms']:.2f} / {r['peak_mb']:.0f}")
+            else:
+                cells.append("skip" if "skipped" in r else "err")
+        ratios = [f"{fb['chunk_delta_bf16'] / fb[n]:.2f}x" if "chunk_delta_bf16" in fb and n in fb
+                  else "n/a" for n in others]
+        lines.append("| " + " | ".join(map(str, shape)) + " | " + " | ".join(cells + ratios) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def chunk_check():
+    """Relative RMS difference of the chunk kernel's bf16 delta-rule output from fp64 (T=300,
+    D=64): a wrong kernel shows here before its timings are read."""
+    q, k, v, b = [x.detach() for x in make_inputs(300, 64, torch.bfloat16)]
+    with torch.no_grad():
+        ref = fast_weight_delta(q.double(), k.double(), v.double(), b.double(), impl="chunked")[0]
+        try:
+            o = _chunk_kernel(q, k, v, b).double()
+        except Exception as e:  # noqa: BLE001
+            return f"error: {type(e).__name__}: {str(e)[:300]}"
+    return ((o - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def run_chunk_suite(args, meta, fla_ops):
+    """Shape by shape, every method of CHUNK_METHODS (side by side in this process); partial
+    results in DIR/chunk.json after each run."""
+    meta["chunk_check_rel_rms"] = chunk_check()
+    print("chunk check:", meta["chunk_check_rel_rms"], flush=True)
+    table, results, t_start = methods(fla_ops), [], time.time()
+    for b, h, T, D in CHUNK_SHAPES:
+        for name in CHUNK_METHODS:
+            rec = {"method": name, "B": b, "H": h, "T": T, "D": D, "dtype": "bfloat16"}
+            if name not in table:
+                rec["skipped"] = meta["fla"]
+            elif time.time() - t_start > args.budget_s:
+                rec["skipped"] = "time budget"
+            else:
+                make, dtype, layout = table[name]
+                try:
+                    rec.update(bench_one(make(), make_inputs(T, D, dtype, layout, b=b, h=h), args.reps))
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                finally:
+                    torch.cuda.empty_cache()
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
+            with open(os.path.join(args.out, "chunk.json"), "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+    write_chunk_table(results, os.path.join(args.out, "chunk.md"), meta["device"])
+    print(open(os.path.join(args.out, "chunk.md")).read())
+
+
 def dump(meta, results, out):
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
@@ -192,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip what is left after this")
     ap.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    ap.add_argument("--suite", choices=["ops", "chunk"], default="ops",
+                    help="ops: the B=8, H=8 table (bench.md); chunk: the chunk kernels (chunk.md)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
@@ -207,6 +309,8 @@ def main(argv=None):
     except Exception:  # noqa: BLE001
         pass
     print(json.dumps(meta), flush=True)
+    if args.suite == "chunk":
+        return run_chunk_suite(args, meta, fla_ops)
     meta["cross_check"] = cross_check(fla_ops)
     print("cross-check:", meta["cross_check"], flush=True)
 

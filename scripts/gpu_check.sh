@@ -2,8 +2,10 @@
 # One-shot check of a fresh GPU machine without network access, run from the repo root with $OUT set:
 #   1. installs the carried wheels in .whl/ (flash-linear-attention, fla-core) into /tmp/site,
 #   2. builds the CUDA extension just in time (ninja) for TORCH_CUDA_ARCH_LIST (default 9.0),
-#   3. runs benchmarks/gpu_ops.py,
-#   4. runs tests/test_cuda_ops.py and the ops tests,
+#   3. runs benchmarks/gpu_ops.py --suite chunk (the chunk kernels, chunk.md; about half the
+#      benchmark budget, GPU_CHECK_CHUNK_S), then benchmarks/gpu_ops.py (bench.md),
+#   4. runs tests/test_cuda_ops.py, the ops tests and tests/test_cuda_chunk_gpu.py (last: a
+#      faulting new kernel cannot take the others' CUDA context down with it),
 # and writes $OUT/results.json, $OUT/table.md and $OUT/log.txt, all inside about 8 minutes.
 # GPU_CHECK_ALONGSIDE="command" (e.g. "bash scripts/gpu_recipes.sh") runs next to steps 2 and 4
 # in a session of its own, is paused (SIGSTOP) while the benchmark runs so that the timings are
@@ -85,8 +87,15 @@ if [ $BUILD_RC -eq 0 ]; then
   BUDGET=${GPU_CHECK_BENCH_S:-$(( TOTAL_S - $(elapsed) - 220 ))}
   if [ "$BUDGET" -gt 20 ]; then
     along STOP
-    timeout $(( BUDGET + 60 )) "$PY" benchmarks/gpu_ops.py --out "$OUT" --budget-s "$BUDGET"
-    BENCH_RC=$?
+    CHUNK_S=${GPU_CHECK_CHUNK_S:-$(( BUDGET / 2 ))}
+    timeout $(( CHUNK_S + 60 )) "$PY" benchmarks/gpu_ops.py --suite chunk --out "$OUT" --budget-s "$CHUNK_S"
+    CHUNK_RC=$?
+    BUDGET=$(( TOTAL_S - $(elapsed) - 220 ))
+    if [ "$BUDGET" -gt 20 ]; then
+      timeout $(( BUDGET + 60 )) "$PY" benchmarks/gpu_ops.py --out "$OUT" --budget-s "$BUDGET"
+      BENCH_RC=$?
+    fi
+    [ $BENCH_RC -eq 0 ] && BENCH_RC=$CHUNK_RC
     along CONT
   else
     echo "no time left for the benchmark"
@@ -100,7 +109,7 @@ if [ $BUILD_RC -eq 0 ]; then
   PER_TEST=(); "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 60)
   LEFT=$(( TOTAL_S - $(elapsed) - 15 ))
   timeout $(( LEFT < 150 ? (LEFT > 30 ? LEFT : 30) : 150 )) "$PY" -m pytest -q -p no:cacheprovider -rfEs \
-    "${PER_TEST[@]}" --junitxml="$OUT/pytest.xml" tests/test_cuda_ops.py tests/test_ops_*.py
+    "${PER_TEST[@]}" --junitxml="$OUT/pytest.xml" tests/test_cuda_ops.py tests/test_ops_*.py tests/test_cuda_chunk_gpu.py
   TEST_RC=$?
 fi
 TEST_S=$(elapsed)
@@ -129,14 +138,19 @@ except Exception as e:  # noqa: BLE001
     tests = {"unreadable": str(e)}
 res["tests"] = tests
 try:
+    res["chunk"] = json.load(open(os.path.join(out, "chunk.json")))
+except Exception as e:  # noqa: BLE001
+    res["chunk"] = {"unreadable": str(e)}
+try:
     res["bench"] = json.load(open(os.path.join(out, "bench.json")))
 except Exception as e:  # noqa: BLE001
     res["bench"] = {"unreadable": str(e)}
 json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=1)
 lines = [f"build rc {res['build_rc']} ({res['build_s']} s), tests rc {res['test_rc']}: {tests}, "
          f"bench rc {res['bench_rc']}, total {res['total']} s", ""]
-if os.path.exists(os.path.join(out, "bench.md")):
-    lines.append(open(os.path.join(out, "bench.md")).read())
+for name in ("chunk.md", "bench.md"):
+    if os.path.exists(os.path.join(out, name)):
+        lines.append(open(os.path.join(out, name)).read())
 cc = res["bench"].get("meta", {}).get("cross_check") if isinstance(res["bench"], dict) else None
 if cc:
     lines.append(f"Cross-check (max rel. diff of the fp32 delta-rule output, T=512, D=64): {cc}")

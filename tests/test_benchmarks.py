@@ -35,3 +35,34 @@ def test_benchmark_priority_covers_every_method():
     gpu_ops = _load("gpu_ops")
     assert set(gpu_ops.methods((None, None))) <= set(gpu_ops.PRIORITY)
 
+
+
+def test_chunk_suite_table_ratios_and_missing_cells(tmp_path):
+    gpu_ops = _load("gpu_ops")
+    shape = {"B": 96, "H": 8, "T": 256, "D": 16}
+    results = [
+        {"method": "chunk_delta_bf16", **shape, "fwd_bwd_ms": 1.0, "fwd_ms": 0.5, "peak_mb": 10.4},
+        {"method": "cuda_delta_bf16", **shape, "fwd_bwd_ms": 4.0, "fwd_ms": 1.0, "peak_mb": 20.0},
+        {"method": "sdpa_flash_bf16", **shape, "fwd_bwd_ms": 0.5, "fwd_ms": 0.25, "peak_mb": 5.0},
+        {"method": "fla_chunk_bf16", **shape, "skipped": "fla not importable"},
+        {"method": "fla_fused_recurrent_bf16", **shape, "error": "RuntimeError: x"},
+    ]
+    path = tmp_path / "chunk.md"
+    gpu_ops.write_chunk_table(results, str(path), "a GPU")
+    row = "| 96 | 8 | 256 | 16 | 1.00 / 0.50 / 10 | 4.00 / 1.00 / 20 | 0.50 / 0.25 / 5 | skip | err | " \
+          "0.25x | 2.00x | n/a | n/a |"
+    assert row in path.read_text()
+    # the paper's shapes come first, then the B=8, H=8 sweep up to T = 16384
+    assert gpu_ops.CHUNK_SHAPES[:3] == [(96, 8, 256, 16), (56, 8, 384, 32), (256, 8, 64, 64)]
+    assert (8, 8, 16384, 128) in gpu_ops.CHUNK_SHAPES
+    assert set(gpu_ops.CHUNK_METHODS) <= set(gpu_ops.methods((None, None)))
+
+
+def test_ops_table_leaves_out_other_batch_shapes(tmp_path):
+    gpu_ops = _load("gpu_ops")
+    results = [{"method": "cuda_delta_fp32", "T": 512, "D": 64, "fwd_bwd_ms": 1.0, "fwd_ms": 0.25},
+               {"method": "cuda_delta_fp32", "B": 96, "H": 8, "T": 256, "D": 16, "fwd_bwd_ms": 1.0,
+                "fwd_ms": 0.25}]
+    path = tmp_path / "bench.md"
+    gpu_ops.write_table(results, str(path), "a GPU")
+    assert "| 256 | 16 |" not in path.read_text()

@@ -6,10 +6,6 @@ ctypes exactly as it drives the real extension. This checks the tiling, the chun
 checkpointed backward and the padding against the reference, without a GPU. fp32 and fp64 only
 (the emulator has no half types)."""
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -18,31 +14,12 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import gated_reference, positive_inputs, skewed_log_decay
+from helpers import build_kernel_emulator, gated_reference, positive_inputs, skewed_log_decay
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fwp_launch.cuh",
            "fwp_emu.h")
 CODES = {torch.float32: 0, torch.float64: 3}
-
-
-def _build_emulator():
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the kernel emulator")
-    files = [os.path.join(cuda_backend.CSRC, f) for f in KERNELS + HEADERS]
-    digest = hashlib.sha1(b"".join(open(f, "rb").read() for f in files)).hexdigest()[:12]
-    out_dir = os.path.join(ROOT, "build", "emu", digest)
-    lib = os.path.join(out_dir, "libfwp_emu.so")
-    if not os.path.exists(lib):
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = lib + f".{os.getpid()}.tmp"
-        cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-DFWP_EMU",
-               "-Wno-unknown-pragmas", "-x", "c++", *files[:len(KERNELS)], "-o", tmp]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(tmp, lib)
-    return ctypes.CDLL(lib)
 
 
 class Emulator:
@@ -94,7 +71,7 @@ class Emulator:
 
 @pytest.fixture(scope="module")
 def emu():
-    return Emulator(_build_emulator())
+    return Emulator(build_kernel_emulator("seq", KERNELS, HEADERS))
 
 
 @pytest.fixture

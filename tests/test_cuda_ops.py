@@ -65,6 +65,14 @@ def test_impl_cuda_on_cpu_tensors_raises_clearly():
         cuda_backend.delta_rule_cuda(q, k, v, beta)
 
 
+def test_unknown_kernel_is_refused_before_anything_runs():
+    q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
+    with pytest.raises(ValueError, match="kernel"):
+        cuda_backend.delta_rule_cuda(q, k, v, beta, kernel="tiles")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_backend.sum_rule_cuda(q, k, v, kernel="chunk")
+
+
 def test_auto_on_cpu_does_not_need_cuda():
     q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
     o, _ = fast_weight_delta(q, k, v, beta, impl="auto")

@@ -108,6 +108,50 @@ void qk_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
                        static_cast<int>(ck_every), reinterpret_cast<void*>(stream)));
 }
 
+// Chunk kernels: q, k (BH, T, Dk), v, o (BH, T, Dv); fills o, ht, states, u (fwp_api.h).
+void chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const OptT& beta, const OptT& h0, const at::Tensor& o, const at::Tensor& ht,
+                   const OptT& states, const OptT& u, bool delta, int64_t stream) {
+  const auto acc = acc_type(q);
+  check(q, "q", q, q.scalar_type());
+  check(k, "k", q, q.scalar_type());
+  check(v, "v", q, q.scalar_type());
+  check(o, "o", q, q.scalar_type());
+  check(ht, "ht", q, acc);
+  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "fwp: q and v must be (BH, T, D)");
+  raise_on(fwp_chunk_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                             opt_ptr(beta, "beta", q, acc), opt_ptr(h0, "h0", q, acc),
+                             o.data_ptr(), ht.data_ptr(),
+                             const_cast<void*>(opt_ptr(states, "states", q, acc)),
+                             const_cast<void*>(opt_ptr(u, "u", q, acc)), q.size(0), q.size(1),
+                             static_cast<int>(q.size(2)), static_cast<int>(v.size(2)),
+                             reinterpret_cast<void*>(stream)));
+}
+
+// Chunk backward: partials dq, dk, dkb (ntiles, BH, Tp, Dk), dv (BH, T, Dv), dh0.
+void chunk_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const OptT& beta, const at::Tensor& dout, const at::Tensor& states,
+                    const OptT& u, const OptT& dht, const at::Tensor& dq, const at::Tensor& dk,
+                    const OptT& dkb, const at::Tensor& dv, const OptT& dh0, bool delta,
+                    int64_t stream) {
+  const auto acc = acc_type(q);
+  check(q, "q", q, q.scalar_type());
+  check(k, "k", q, q.scalar_type());
+  check(v, "v", q, q.scalar_type());
+  check(dout, "dout", q, q.scalar_type());
+  check(states, "states", q, acc);
+  check(dq, "dq", q, acc);
+  check(dk, "dk", q, acc);
+  check(dv, "dv", q, acc);
+  raise_on(fwp_chunk_backward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                              opt_ptr(beta, "beta", q, acc), dout.data_ptr(), states.data_ptr(),
+                              opt_ptr(u, "u", q, acc), opt_ptr(dht, "dht", q, acc), dq.data_ptr(),
+                              dk.data_ptr(), const_cast<void*>(opt_ptr(dkb, "dkb", q, acc)),
+                              dv.data_ptr(), const_cast<void*>(opt_ptr(dh0, "dh0", q, acc)),
+                              q.size(0), q.size(1), static_cast<int>(q.size(2)),
+                              static_cast<int>(v.size(2)), reinterpret_cast<void*>(stream)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -115,4 +159,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "forward (fills o, ht, ckpt, err)");
   m.def("state_grad", &state_grad, "backward pass A (fills du, dh0)");
   m.def("qk_grad", &qk_grad, "backward pass B (fills dq, dk; gated also lam)");
+  m.def("chunk_forward", &chunk_forward, "chunk forward (fills o, ht, states, u)");
+  m.def("chunk_backward", &chunk_backward, "chunk backward (fills dq, dk, dkb partials, dv, dh0)");
+  m.def("chunk_len", &fwp_chunk_len, "steps per chunk for a key size");
+  m.def("chunk_value_tile", &fwp_chunk_value_tile, "value columns per CTA for a value size");
 }

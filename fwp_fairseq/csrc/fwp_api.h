@@ -37,6 +37,28 @@ const char* fwp_qk_grad(int dtype, int delta, const void* q, const void* k, cons
                         void* lam, long long BH, long long T, int Dk, int Dv, int ck_every,
                         void* stream);
 
+// ---- chunkwise tensor-core kernels (chunk_fwd.cu, chunk_bwd.cu): fp16/bf16 on the GPU (fp32/fp64
+// in the emulator), no forget gate. Dk in {16, 32, 64, 128, 256}, Dv a multiple of 16 up to 128.
+// Chunks of fwp_chunk_len(Dk) steps, value tiles of fwp_chunk_value_tile(Dv) columns
+// (ntiles = ceil(Dv / tile)); NC = ceil(T / chunk), Tp = NC * chunk.
+int fwp_chunk_len(int Dk);
+int fwp_chunk_value_tile(int Dv);
+
+// Forward: o, ht (if not nullptr), and for the backward states (BH, NC, Dk, Dv), the state before
+// every chunk, and, for the delta rule, u (BH, T, Dv), the write vectors (both acc type).
+const char* fwp_chunk_forward(int dtype, int delta, const void* q, const void* k, const void* v,
+                              const void* beta, const void* h0, void* o, void* ht, void* states,
+                              void* u, long long BH, long long T, int Dk, int Dv, void* stream);
+
+// Backward: per value tile partials dq, dk and (delta) dkb = dL/d(diag(beta) K), each
+// (ntiles, BH, Tp, Dk); dv (BH, T, Dv): dL/dv (sum) or dL/d(diag(beta) V) (delta); dh0 if not
+// nullptr. All acc type; the caller sums the partials (cuda_chunk.py).
+const char* fwp_chunk_backward(int dtype, int delta, const void* q, const void* k, const void* v,
+                               const void* beta, const void* dout, const void* states,
+                               const void* u, const void* dht, void* dq, void* dk, void* dkb,
+                               void* dv, void* dh0, long long BH, long long T, int Dk, int Dv,
+                               void* stream);
+
 #ifdef __cplusplus
 }
 #endif

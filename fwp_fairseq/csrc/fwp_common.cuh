@@ -14,6 +14,7 @@
 #define FWP_DEVICE inline
 #define FWP_DECLARE_SMEM(name) unsigned char* name = ::fwp_emu::shared_memory()
 #define FWP_SHFL_XOR(v, off) ::fwp_emu::shfl_xor((v), (off))
+#define FWP_SYNCWARP() ::fwp_emu::syncwarp()
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,6 +23,7 @@
 #define FWP_DEVICE __device__ __forceinline__
 #define FWP_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define FWP_SHFL_XOR(v, off) __shfl_xor_sync(0xffffffffu, (v), (off))
+#define FWP_SYNCWARP() __syncwarp()
 #endif
 
 namespace fwp {
@@ -75,7 +77,12 @@ FWP_DEVICE float to_acc(float x) { return x; }
 FWP_DEVICE double to_acc(double x) { return x; }
 FWP_DEVICE void store_out(float* p, float x) { *p = x; }
 FWP_DEVICE void store_out(double* p, double x) { *p = x; }
-#ifndef FWP_EMU
+#ifdef FWP_EMU
+inline float to_acc(::fwp_emu::f16 x) { return static_cast<float>(x); }
+inline float to_acc(::fwp_emu::bf16 x) { return static_cast<float>(x); }
+inline void store_out(::fwp_emu::f16* p, float x) { *p = static_cast<::fwp_emu::f16>(x); }
+inline void store_out(::fwp_emu::bf16* p, float x) { *p = ::fwp_emu::bf16(x); }
+#else
 FWP_DEVICE float to_acc(__half x) { return __half2float(x); }
 FWP_DEVICE float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 FWP_DEVICE void store_out(__half* p, float x) { *p = __float2half_rn(x); }

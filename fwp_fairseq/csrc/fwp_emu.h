@@ -7,6 +7,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +24,27 @@
 #define __syncthreads() ::fwp_emu::syncthreads()
 
 namespace fwp_emu {
+
+// 16-bit input types of the chunk kernels' tile products. fp16 is the compiler's _Float16 (IEEE
+// binary16, round to nearest even); bf16 is storage that rounds like __float2bfloat16_rn (nearest,
+// ties to even, NaN kept): same bits as torch's bfloat16, so tensors pass through unchanged.
+using f16 = _Float16;
+struct bf16 {
+  uint16_t bits;
+  bf16() = default;
+  explicit bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    bits = (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>((u >> 16) | 0x40u)
+                                           : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
 
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim3 tl_thread, tl_block;
@@ -93,6 +115,9 @@ T shfl_xor(T v, int off) {
   w.bar.wait();  // nobody overwrites a slot before every lane has read it
   return r;
 }
+
+// __syncwarp: every lane of the warp waits for the others (the emulated lanes are threads).
+inline void syncwarp() { tl_blk->warps[tl_thread.x / 32].bar.wait(); }
 
 template <typename F>
 void launch(long long grid, int threads, size_t smem, F&& body) {

@@ -8,6 +8,9 @@ Semantics are those of sum_rule/reference.py and delta_rule/reference.py, with a
 gate g (B, H, T): a_t = exp(g_t) decays the state before each step's write (S'_t = a_t S_{t-1}; the
 delta rule reads S'_t). State and accumulation are fp32 (fp64 for fp64 inputs), outputs in the
 input dtype, and every result is deterministic.
+
+kernel="sequential" (the default) runs the step-by-step recurrence (recurrence_fwd.cu, state_grad.cu,
+qk_grad.cu); kernel="chunk" the chunkwise tensor-core kernels (cuda_chunk.py: fp16/bf16, no gate).
 """
 import contextlib
 import math
@@ -26,7 +29,8 @@ CK_EVERY = 128  # the backward restarts from an exact stored state every CK_EVER
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-SOURCES = ("binding.cpp", "recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
+SOURCES = ("binding.cpp", "recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu", "chunk_fwd.cu",
+           "chunk_bwd.cu")
 EXT_NAME = "fwp_fairseq_cuda"
 
 _lock = threading.Lock()
@@ -222,13 +226,36 @@ def _extension(q):
     return _ext
 
 
-def sum_rule_cuda(q, k, v, initial_state=None, output_final_state=False, g=None):
+KERNELS = ("sequential", "chunk")
+
+
+def _run(q, k, v, beta, initial_state, output_final_state, delta, g, kernel):
+    """The sequential recurrence (any dtype, gate) or the chunkwise tensor-core kernels
+    (cuda_chunk: fp16/bf16, no gate, Dk <= 256, Dv <= 128)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    ext = _extension(q)
+    if kernel == "sequential":
+        return _apply(ext, q, k, v, beta, initial_state, output_final_state, delta, g)
+    from . import cuda_chunk
+
+    ok, why = cuda_chunk.supports(q, v, g)
+    if not ok:
+        raise ValueError(f"kernel='chunk': {why}; use kernel='sequential'")
+    with _device_of(q):
+        return cuda_chunk.apply_chunked(ext, q, k, v, beta, initial_state, output_final_state, delta)
+
+
+def sum_rule_cuda(q, k, v, initial_state=None, output_final_state=False, g=None,
+                  kernel="sequential"):
     """S_t = a_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t on the GPU, with a_t = exp(g_t) for a
-    log-decay g (B, H, T), else 1. Returns (o, final_state or None)."""
-    return _apply(_extension(q), q, k, v, None, initial_state, output_final_state, False, g)
+    log-decay g (B, H, T), else 1. kernel: "sequential" or "chunk". Returns (o, final_state or
+    None)."""
+    return _run(q, k, v, None, initial_state, output_final_state, False, g, kernel)
 
 
-def delta_rule_cuda(q, k, v, beta, initial_state=None, output_final_state=False, g=None):
+def delta_rule_cuda(q, k, v, beta, initial_state=None, output_final_state=False, g=None,
+                    kernel="sequential"):
     """S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T, o_t = S_t^T q_t on the GPU,
-    with a_t = exp(g_t) for a log-decay g (B, H, T), else 1."""
-    return _apply(_extension(q), q, k, v, beta, initial_state, output_final_state, True, g)
+    with a_t = exp(g_t) for a log-decay g (B, H, T), else 1. kernel: "sequential" or "chunk"."""
+    return _run(q, k, v, beta, initial_state, output_final_state, True, g, kernel)

@@ -1,0 +1,190 @@
+"""The chunkwise tensor-core kernels' own source (csrc/chunk_fwd.cu, chunk_bwd.cu), run on the CPU.
+
+g++ -DFWP_EMU compiles them with fwp_emu.h (every CUDA thread a CPU thread) and fwp_mma.cuh's
+emulated warp tile products (the same warp-collective calls as WMMA, in plain loops), and
+cuda_chunk's autograd code drives them through ctypes exactly as it drives the extension. The
+emulator runs the tile inputs in fp64 and fp32 (the algorithm, the tiling and the indexing, against
+the fp64 reference) and in fp16 (_Float16) and bf16 (fwp_emu::bf16, rounding as on the GPU), where
+the tile products accumulate in fp32 in their own order (not the tensor cores' bit for bit)."""
+import ctypes
+
+import pytest
+import torch
+
+from fwp_fairseq.ops import cuda_chunk
+from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
+from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
+
+from helpers import CHUNK_HALF_TOL, build_kernel_emulator, positive_inputs, rel_rms
+
+KERNELS = ("chunk_fwd.cu", "chunk_bwd.cu")
+HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fwp_mma.cuh",
+           "fwp_emu.h")
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+class ChunkEmulator:
+    """The extension's chunk functions (binding.cpp), over ctypes, for CPU tensors."""
+
+    def __init__(self, lib):
+        P, L, I = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+        self.lib = lib
+        for name, args in (("fwp_chunk_forward", [I, I] + [P] * 9 + [L, L, I, I, P]),
+                           ("fwp_chunk_backward", [I, I] + [P] * 13 + [L, L, I, I, P])):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_char_p
+        for name in ("fwp_chunk_len", "fwp_chunk_value_tile"):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = [I], I
+
+    def chunk_len(self, Dk):
+        return self.lib.fwp_chunk_len(Dk)
+
+    def chunk_value_tile(self, Dv):
+        return self.lib.fwp_chunk_value_tile(Dv)
+
+    @staticmethod
+    def _p(t):
+        if t is None:
+            return None
+        assert t.is_contiguous() and t.data_ptr() % 16 == 0
+        return t.data_ptr()
+
+    @staticmethod
+    def _check(err):
+        if err is not None:
+            raise RuntimeError(err.decode())
+
+    def chunk_forward(self, q, k, v, beta, h0, o, ht, states, u, delta, stream):
+        p = self._p
+        self._check(self.lib.fwp_chunk_forward(
+            CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta), p(h0), p(o), p(ht), p(states),
+            p(u), q.shape[0], q.shape[1], q.shape[2], v.shape[2], None))
+
+    def chunk_backward(self, q, k, v, beta, dout, states, u, dht, dq, dk, dkb, dv, dh0, delta,
+                       stream):
+        p = self._p
+        self._check(self.lib.fwp_chunk_backward(
+            CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta), p(dout), p(states), p(u),
+            p(dht), p(dq), p(dk), p(dkb), p(dv), p(dh0), q.shape[0], q.shape[1], q.shape[2],
+            v.shape[2], None))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return ChunkEmulator(build_kernel_emulator("chunk", KERNELS, HEADERS))
+
+
+def _run(fn, inputs, delta, with_h0=True):
+    """Outputs and the gradients of a fixed random loss on (o, final state)."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    q, k, v, beta, h0 = xs
+    h0 = h0 if with_h0 else None
+    o, ht = fn(q, k, v, beta, h0)
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
+    ((o * wo).sum() + (ht * wh).sum()).backward()
+    names = ["q", "k", "v", "beta", "h0"]
+    return o.detach(), ht.detach(), {n: x.grad for n, x in zip(names, xs) if x.grad is not None}
+
+
+def _emu_fn(emu, delta):
+    return lambda q, k, v, b, h0: cuda_chunk.apply_chunked(emu, q, k, v, b if delta else None, h0,
+                                                            True, delta)
+
+
+def _ref_fn(delta):
+    if delta:
+        return lambda q, k, v, b, h0: delta_rule_reference(q, k, v, b, h0, True)
+    return lambda q, k, v, b, h0: sum_rule_reference(q, k, v, h0, True)
+
+
+def _close(a, b, tol):
+    scale = b.abs().max().clamp_min(1e-12)
+    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
+
+
+def _check(emu, shape, delta, dtype=torch.float64, tol=1e-9, with_h0=True, seed=0):
+    inputs = positive_inputs(*shape, dtype, seed=seed)
+    o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0)
+    o_r, ht_r, grads_r = _run(_ref_fn(delta), [x.double() for x in inputs], delta, with_h0)
+    assert o.dtype == dtype and o.shape == o_r.shape and ht.shape == ht_r.shape
+    _close(o, o_r, tol)
+    _close(ht, ht_r, tol)
+    expected = {"q", "k", "v"} | ({"beta"} if delta else set()) | ({"h0"} if with_h0 else set())
+    assert set(grads) >= expected
+    for name in expected:
+        _close(grads[name], grads_r[name], tol)
+
+
+# T around the 64-step chunk, Dk != Dv, both value tiles (16, 32) and two tiles of 32.
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65])
+def test_chunk_kernels_match_reference_around_the_chunk(emu, T, delta):
+    _check(emu, (1, 2, T, 32, 48), delta)
+
+
+# Every key size (128 and 256 run 32-step chunks) and every value size, padding included.
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+@pytest.mark.parametrize("Dk,Dv", [(16, 16), (32, 32), (64, 64), (128, 128), (256, 16), (12, 20),
+                                   (100, 72)])
+def test_chunk_kernels_every_head_size(emu, Dk, Dv, delta):
+    _check(emu, (1, 1, 40, Dk, Dv), delta, seed=Dk + Dv)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_chunk_kernels_long_sequence_fp32_without_initial_state(emu, delta):
+    _check(emu, (1, 1, 1000, 16, 16), delta, torch.float32, 2e-5, with_h0=False, seed=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+def test_chunk_kernels_half_inputs_round_like_the_gpu(emu, dtype, delta):
+    """fp16/bf16 inputs: outputs and every gradient within the GPU tests' relative RMS error of
+    the fp64 reference on the same rounded inputs."""
+    inputs = positive_inputs(1, 2, 150, 64, 32, dtype, seed=7)
+    got = _run(_emu_fn(emu, delta), inputs, delta)
+    want = _run(_ref_fn(delta), [x.double() for x in inputs], delta)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    pairs = [("o", got[0], want[0]), ("final", got[1], want[1])]
+    pairs += [(n, got[2][n], want[2][n]) for n in want[2]]
+    for name, a, b in pairs:
+        err = rel_rms(a, b)
+        assert err < CHUNK_HALF_TOL[dtype], (name, err)
+
+
+def test_chunk_kernels_are_bit_reproducible(emu):
+    inputs = positive_inputs(1, 2, 70, 32, 48, torch.float32, seed=5)
+    a = _run(_emu_fn(emu, True), inputs, True)
+    b = _run(_emu_fn(emu, True), inputs, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name])
+
+
+def test_chunk_forward_without_grad_stores_nothing(emu):
+    q, k, v, beta, h0 = positive_inputs(1, 1, 70, 16, 16, torch.float64)
+    with torch.no_grad():
+        o, ht = cuda_chunk.apply_chunked(emu, q, k, v, beta, h0, False, True)
+    assert ht is None
+    _close(o, delta_rule_reference(q, k, v, beta, h0)[0], 1e-10)
+
+
+def test_chunk_sizes_are_reported(emu):
+    assert emu.chunk_len(64) == 64 and emu.chunk_len(128) == 32 and emu.chunk_len(256) == 32
+    assert emu.chunk_value_tile(16) == 16 and emu.chunk_value_tile(128) == 32
+    q, k, v, beta, h0 = positive_inputs(1, 1, 5, 16, 16, torch.float64)
+    # 24 is no kernel key size: only the Python side pads
+    err = emu.lib.fwp_chunk_forward(3, 0, *[None] * 9, 1, 5, 24, 16, None)
+    assert b"Dk must be" in err
+    with pytest.raises(ValueError, match="Dv=144"):
+        cuda_chunk.apply_chunked(emu, q, k, torch.zeros(1, 1, 5, 144, dtype=torch.float64), beta,
+                                 None, False, True)
+
+
+def test_supports_routes_gate_and_wide_dtypes_elsewhere():
+    q = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    assert cuda_chunk.supports(q, q)[0]
+    assert not cuda_chunk.supports(q, q, g=torch.zeros(1, 1, 4))[0]
+    assert not cuda_chunk.supports(q.float(), q.float())[0]
+    assert not cuda_chunk.supports(torch.zeros(1, 1, 4, 512, dtype=torch.bfloat16), q)[0]

@@ -1,0 +1,94 @@
+"""kernel="chunk" (the chunkwise tensor-core kernels) on a GPU against the fp64 chunked path, and
+its clear errors. Skips (with cuda_available()'s reason) without a usable CUDA device;
+scripts/gpu_check.sh runs it on one. The kernels' algorithm is checked on the CPU by
+tests/test_cuda_chunk.py (emulated); this file checks the tensor-core build and fp16/bf16."""
+import pytest
+import torch
+
+from fwp_fairseq.ops import cuda_available, cuda_backend
+from fwp_fairseq.ops.delta_rule.chunked import delta_rule_chunked
+from fwp_fairseq.ops.sum_rule.chunked import sum_rule_chunked
+
+from helpers import CHUNK_HALF_TOL, positive_inputs, rel_rms
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+DELTA = pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    ok, why = cuda_available()
+    if not ok:
+        pytest.skip(f"impl='cuda' unavailable: {why}")
+    return torch.device("cuda")
+
+
+def _chunk(delta):
+    if delta:
+        return lambda q, k, v, b, h0: cuda_backend.delta_rule_cuda(q, k, v, b, h0, True, kernel="chunk")
+    return lambda q, k, v, b, h0: cuda_backend.sum_rule_cuda(q, k, v, h0, True, kernel="chunk")
+
+
+def _ref(delta):
+    if delta:
+        return lambda q, k, v, b, h0: delta_rule_chunked(q, k, v, b, h0, True)
+    return lambda q, k, v, b, h0: sum_rule_chunked(q, k, v, h0, True)
+
+
+def _run(fn, inputs, with_h0=True):
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    q, k, v, b, h0 = xs
+    o, ht = fn(q, k, v, b, h0 if with_h0 else None)
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
+    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
+    ((o * wo).sum() + (ht * wh).sum()).backward()
+    out = {"o": o.detach(), "final": ht.detach()}
+    out.update({n: x.grad for n, x in zip("q k v beta h0".split(), xs) if x.grad is not None})
+    return out
+
+
+def _check(shape, dtype, delta, device, with_h0=True, seed=0):
+    inputs = positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
+    got = _run(_chunk(delta), inputs, with_h0)
+    want = _run(_ref(delta), [x.double() for x in inputs], with_h0)
+    assert got["o"].dtype == dtype and got["final"].dtype == torch.float32
+    for name in want:
+        err = rel_rms(got[name], want[name])
+        assert err < CHUNK_HALF_TOL[dtype], (name, err)
+
+
+@pytest.mark.gpu
+@DTYPES
+@DELTA
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 1000])
+def test_chunk_kernel_lengths(cuda, T, dtype, delta):
+    _check((2, 3, T, 64, 32), dtype, delta, cuda, with_h0=T != 63)
+
+
+@pytest.mark.gpu
+@DTYPES
+@DELTA
+@pytest.mark.parametrize("Dk,Dv", [(16, 16), (32, 32), (64, 128), (128, 64), (256, 128), (24, 40)])
+def test_chunk_kernel_head_sizes(cuda, Dk, Dv, dtype, delta):
+    _check((1, 4, 300, Dk, Dv), dtype, delta, cuda, seed=Dk)
+
+
+@pytest.mark.gpu
+def test_chunk_kernel_reruns_are_bit_identical(cuda):
+    inputs = positive_inputs(2, 4, 700, 128, 64, dtype=torch.bfloat16, device=cuda, seed=6)
+    for delta in (True, False):
+        a, b = _run(_chunk(delta), inputs), _run(_chunk(delta), inputs)
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.gpu
+def test_chunk_kernel_refuses_what_it_does_not_take(cuda):
+    q, k, v, beta, h0 = positive_inputs(1, 1, 8, 16, 16, dtype=torch.bfloat16, device=cuda)
+    with pytest.raises(ValueError, match="forget gate"):
+        cuda_backend.delta_rule_cuda(q, k, v, beta, g=torch.zeros(1, 1, 8, device=cuda), kernel="chunk")
+    with pytest.raises(ValueError, match="dtype"):
+        cuda_backend.sum_rule_cuda(q.float(), k.float(), v.float(), kernel="chunk")
+    with pytest.raises(ValueError, match="kernel"):
+        cuda_backend.sum_rule_cuda(q, k, v, kernel="tiles")
