@@ -50,11 +50,11 @@ esac
 
 
 def stand_in_tree(tmp_path, *files, data=True):
-    """A copy of FILES (and examples/run_lib.sh) under tmp_path/repo, stand-in fairseq CLIs, and a
+    """A copy of FILES (and the helpers they call: examples/run_lib.sh, hypotheses.sh) under tmp_path/repo, stand-in fairseq CLIs, and a
     stand-in data folder for both the LM and the Multi30k scripts (empty if data=False).
     Returns (tree, environment, calls file, OUT folder): every setting at its script's default."""
     tree = tmp_path / "repo"
-    for rel in (*files, "examples/run_lib.sh"):
+    for rel in (*files, "examples/run_lib.sh", "examples/translation/hypotheses.sh"):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), tree / rel)
     fake = tmp_path / "bin"
