@@ -7,9 +7,9 @@
    (K, U) against the d_dot x Dv matrix, at t = 1..96 steps written; and one encoder-decoder read;
 3. where the time of one FastWeightAttention layer goes, forward+backward: its pieces timed from
    the outside (projections, feature map with its normalisation, attention normaliser, core),
-   the whole layer as it is, and the whole layer with the cheaper order wired in from the outside
-   (its non-causal path swapped and its two causal entry points wrapped, for the timing only),
-   against fairseq's softmax attention.
+   the whole layer as it is (the cheaper order picked by the ops), and the whole layer with the
+   state order forced (the ops' order choice switched off for the timing only), against
+   fairseq's softmax attention.
 
     python benchmarks/attention_order.py [--reps 5] [--threads 1] [--out results/attention_order]
 
@@ -29,8 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_noncausal, fast_weight_sum  # noqa: E402
-from fwp_fairseq.ops.attention_order import (causal_flops, causal_order, keep_factored,  # noqa: E402
-                                             noncausal_flops)
+from fwp_fairseq.ops.attention_order import causal_flops, keep_factored, noncausal_flops  # noqa: E402
 from fwp_fairseq.ops.factored_state import FactoredState  # noqa: E402
 from fwp_fairseq.ops.quadratic import delta_rule_quadratic, sum_rule_quadratic  # noqa: E402
 
@@ -145,47 +144,28 @@ def cross_table(B, H, D, Tsrc, reps):
 
 # -- 3. the whole layer -----------------------------------------------------------------------
 LAYERS = {  # name: FastWeightAttention keywords (the models' defaults for the normalisations)
-    "dpfp nu=2 non-causal": dict(kernel="dpfp", dpfp_nu=2, causal=False),
-    "dpfp nu=2 causal sum": dict(kernel="dpfp", dpfp_nu=2, causal=True, update="sum"),
-    "dpfp nu=2 causal delta": dict(kernel="dpfp", dpfp_nu=2, causal=True, update="delta"),
-    "linear non-causal": dict(kernel="linear", causal=False),
-    "linear causal sum": dict(kernel="linear", causal=True, update="sum"),
-    "linear causal delta": dict(kernel="linear", causal=True, update="delta"),
+    "dpfp nu=2 non-causal": dict(feature_map="dpfp", dpfp_nu=2, causal=False),
+    "dpfp nu=2 causal sum": dict(feature_map="dpfp", dpfp_nu=2, causal=True, update="sum"),
+    "dpfp nu=2 causal delta": dict(feature_map="dpfp", dpfp_nu=2, causal=True, update="delta"),
+    "linear non-causal": dict(feature_map="linear", causal=False),
+    "linear causal sum": dict(feature_map="linear", causal=True, update="sum"),
+    "linear causal delta": dict(feature_map="linear", causal=True, update="delta"),
 }
 
 
-def _ordered(fn, rule):
-    """fast_weight_sum / fast_weight_delta with attention_order.causal_order in front."""
-    quad = sum_rule_quadratic if rule == "sum" else delta_rule_quadratic
-
-    def run(q, k, v, *args, initial_state=None, output_final_state=False, impl="auto"):
-        if causal_order(rule, q.shape[2], q.shape[3], v.shape[3], initial_state is not None,
-                        output_final_state) == "quadratic":
-            return quad(q, k, v, *args), None
-        return fn(q, k, v, *args, initial_state=initial_state, output_final_state=output_final_state,
-                  impl=impl)
-    return run
-
-
 @contextlib.contextmanager
-def attention_order_wired():
-    """The layer with the cheaper order, from the outside: its causal entry points wrapped and its
-    non-causal path replaced by fast_weight_noncausal(order="auto") (training-time path only)."""
+def state_order_forced():
+    """The layer as it ran before the order was wired: the ops' order choice switched off (the
+    causal rule's pick and fast_weight_noncausal's order), for the timing only."""
     from fwp_fairseq.modules import fast_weight_attention as fwa
-    saved = fwa.fast_weight_sum, fwa.fast_weight_delta, fwa.FastWeightAttention._noncausal
-
-    def noncausal(self, q, key, value, key_padding_mask, incremental_state, static_kv):
-        k, v = self._keys_values(key, value, key_padding_mask, q.size(0))
-        out, _ = fast_weight_noncausal(q, k, v)
-        if not self.attn_normalize:
-            return out
-        return self._normalise(out, q, fwa._acc(k).sum(2, keepdim=True))
-    fwa.fast_weight_sum, fwa.fast_weight_delta = _ordered(saved[0], "sum"), _ordered(saved[1], "delta")
-    fwa.FastWeightAttention._noncausal = noncausal
+    from fwp_fairseq.ops import dispatch
+    saved = dispatch.causal_order, fwa.fast_weight_noncausal
+    dispatch.causal_order = lambda *args, **kw: "state"
+    fwa.fast_weight_noncausal = lambda q, k, v: saved[1](q, k, v, order="state")
     try:
         yield
     finally:
-        fwa.fast_weight_sum, fwa.fast_weight_delta, fwa.FastWeightAttention._noncausal = saved
+        dispatch.causal_order, fwa.fast_weight_noncausal = saved
 
 
 PIECES = ("projections", "feature map (q, k)", "attention normaliser", "core, state order",
@@ -194,7 +174,7 @@ PIECES = ("projections", "feature map (q, k)", "attention normaliser", "core, st
 
 def layer_pieces(a, x, reps):
     """Forward+backward of each piece of a, on leaf inputs shaped as inside a.forward."""
-    from fwp_fairseq.modules.fast_weight_attention import _acc
+    from fwp_fairseq.modules.precision import to_accumulation as _acc
     T, B, E = x.shape
     pieces = {}
     projs = [a.q_proj, a.k_proj, a.v_proj, a.out_proj] + ([a.beta_proj] if a.beta_proj is not None else [])
@@ -219,9 +199,9 @@ def layer_pieces(a, x, reps):
         state = lambda q, k, v: fast_weight_noncausal(q, k, v, order="state")[0]  # noqa: E731
         quad = lambda q, k, v: fast_weight_noncausal(q, k, v, order="quadratic")[0]  # noqa: E731
     elif a.update == "sum":
-        state, quad = (lambda q, k, v: fast_weight_sum(q, k, v, impl=a.impl)[0]), sum_rule_quadratic
+        state, quad = (lambda q, k, v: fast_weight_sum(q, k, v, impl="chunked")[0]), sum_rule_quadratic
     else:
-        state, quad = (lambda q, k, v, b: fast_weight_delta(q, k, v, b, impl=a.impl)[0]), delta_rule_quadratic
+        state, quad = (lambda q, k, v, b: fast_weight_delta(q, k, v, b, impl="chunked")[0]), delta_rule_quadratic
     pieces["core, state order"] = timed(fwd_bwd(state, *leaves), reps)
     pieces["core, attention order"] = timed(fwd_bwd(quad, *leaves), reps)
     return pieces
@@ -253,8 +233,8 @@ def layer_table(B, T, E, H, reps):
         torch.manual_seed(0)
         a = FastWeightAttention(E, H, self_attention=True, **kw)
         row = {"layer": name, "d_dot": a.feature_map.out_dim, "layer_ms": whole_layer(a, x, reps)}
-        with attention_order_wired():
-            row["layer_attention_order_ms"] = whole_layer(a, x, reps)
+        with state_order_forced():
+            row["layer_state_order_ms"] = whole_layer(a, x, reps)
         row["pieces_ms"] = layer_pieces(a, x, reps)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -289,17 +269,18 @@ def markdown(res):
                  f"| {r['auto']} |")
     names = [n for n in PIECES if any(n in r.get("pieces_ms", {}) for r in res["layers"])]
     L += ["", f"## One attention layer ({c['E']} dims, {c['H']} heads), forward+backward (ms)", "",
-          "Pieces timed one by one on leaf inputs; 'rest' = layer - the pieces with the state-order core "
-          "(reshapes, masking, casts, autograd bookkeeping).", "",
-          "| layer | d_dot | layer as is | layer, attention order | " + " | ".join(names) + " | rest |",
+          "Layer as is: the order the ops pick (the attention order at this length); state order: "
+          "the choice switched off. Pieces timed one by one on leaf inputs; 'rest' = layer as is - "
+          "the pieces with the attention-order core (reshapes, masking, casts, autograd bookkeeping).", "",
+          "| layer | d_dot | layer, state order | layer as is | " + " | ".join(names) + " | rest |",
           "|---|---|---|---|" + "---|" * (len(names) + 1)]
     for r in res["layers"]:
         p = r.get("pieces_ms", {})
         cells = [f"{p[n]:.1f}" if n in p else "-" for n in names]
-        rest = r["layer_ms"] - sum(v for n, v in p.items() if n != "core, attention order") if p else None
-        quad = r.get("layer_attention_order_ms")
-        L.append(f"| {r['layer']} | {r.get('d_dot', '-')} | {r['layer_ms']:.1f} | "
-                 f"{'-' if quad is None else f'{quad:.1f}'} | " + " | ".join(cells)
+        rest = r["layer_ms"] - sum(v for n, v in p.items() if n != "core, state order") if p else None
+        before = r.get("layer_state_order_ms")
+        L.append(f"| {r['layer']} | {r.get('d_dot', '-')} | {'-' if before is None else f'{before:.1f}'} | "
+                 f"{r['layer_ms']:.1f} | " + " | ".join(cells)
                  + f" | {'-' if rest is None else f'{rest:.1f}'} |")
     return "\n".join(L) + "\n"
 

@@ -128,6 +128,24 @@ def loss_grads(fn, inputs, seed=1):
     return out
 
 
+# -- attention layer ---------------------------------------------------------------------
+
+def check_decoding_buffer(buf, dtype=None):
+    """One attention layer's decoding state (an ops FactoredState buffer), as the layer promises:
+    it stores at most numel(S) + numel(z) elements and every tensor is in `dtype` when given.
+    Returns (folded into S, sorted shapes): the shapes stay constant once folded."""
+    keys, values, S, z = (buf.get(n) for n in ("fw_keys", "fw_values", "fw_state", "fw_z"))
+    assert (keys is None) != (S is None), sorted(buf)  # factors or the matrix, not both
+    B, H = (S if keys is None else keys).shape[:2]
+    dk, dv = S.shape[-2:] if keys is None else (keys.shape[-1], values.shape[-1])
+    tensors = [x for x in buf.values() if torch.is_tensor(x)]
+    bound = B * H * dk * dv + (0 if z is None else z.numel())
+    assert sum(x.numel() for x in tensors) <= bound
+    if dtype is not None:
+        assert all(x.dtype == dtype for x in tensors), {n: x.dtype for n, x in buf.items()}
+    return S is not None, sorted((n, tuple(x.shape)) for n, x in buf.items() if torch.is_tensor(x))
+
+
 # -- fairseq CLIs -------------------------------------------------------------------------
 
 def torch_version():

@@ -9,6 +9,8 @@ import fwp_fairseq  # noqa: E402
 fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 
+from helpers import check_decoding_buffer  # noqa: E402
+
 E, H = 16, 2
 
 
@@ -143,24 +145,27 @@ def test_padding_invariance(kind, side):
 
 
 @pytest.mark.parametrize("update", ["sum", "delta"])
-def test_incremental_state_is_constant_size_and_reorders(update):
+def test_incremental_state_is_bounded_and_reorders(update):
+    """The decoding state holds the written keys and values while smaller than S, then S: never
+    more than numel(S) + numel(z), constant once folded (d_dot 32, head 8: folded at step 7)."""
     a = layer(causal=True, feature_map="dpfp", dpfp_nu=2, update=update, attn_normalize=True)
-    x = x_(8, 3)
+    x = x_(10, 3)
     with torch.no_grad():
         full = a(x, x, x)[0]
         state = {}
-        sizes, steps = set(), []
+        folded, steps = [], []
         for t in range(4):
             steps.append(a(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)[0])
-            buf = a._get_input_buffer(state)
-            sizes.add(tuple((k, tuple(v.shape)) for k, v in buf.items()))
-        assert len(sizes) == 1  # no growing cache: S (B, H, d_dot, d_v) and z (B, H, 1, d_dot)
+            folded.append(check_decoding_buffer(a._get_input_buffer(state)))
         # beam search: keep rows 2 and 0 (the batch shrinks), then continue
         order = torch.tensor([2, 0])
         a.reorder_incremental_state(state, order)
-        for t in range(4, 8):
+        for t in range(4, 10):
             xt = x[t:t + 1].index_select(1, order)
             steps.append(a(xt, xt, xt, incremental_state=state)[0])
+            folded.append(check_decoding_buffer(a._get_input_buffer(state)))
+    assert [f for f, _ in folded] == [False] * 6 + [True] * 4
+    assert len({str(shapes) for _, shapes in folded[6:]}) == 1
     got = torch.cat([torch.cat(steps[:4]).index_select(1, order), torch.cat(steps[4:])])
     torch.testing.assert_close(got, full.index_select(1, order))
 

@@ -156,3 +156,29 @@ def test_quadratic_input_errors():
         delta_rule_quadratic(q, k, v, beta[..., :3])
     with pytest.raises(ValueError, match="k"):
         sum_rule_quadratic(q, k[..., :2], v)
+
+
+@pytest.mark.parametrize("rule", ["sum", "delta"])
+def test_auto_dispatch_takes_the_cheaper_order(rule, monkeypatch):
+    """impl="auto": the attention order exactly when causal_order says so (no state in or out,
+    no gate), with the same outputs and gradients as the chunked state order."""
+    import fwp_fairseq.ops.dispatch as d
+    fn = fast_weight_sum if rule == "sum" else fast_weight_delta
+    quad = sum_rule_quadratic if rule == "sum" else delta_rule_quadratic
+    called = []
+    monkeypatch.setattr(d, quad.__name__, lambda *a: called.append(1) or quad(*a))
+    q, k, v, beta, h0 = make_inputs(2, 2, 9, 16, 8, with_state=True)
+    args = (q, k, v) if rule == "sum" else (q, k, v, beta)
+    assert causal_order(rule, 9, 16, 8) == "quadratic"
+    _compare(lambda *x: fn(*x)[0], lambda *x: fn(*x, impl="chunked")[0], args)
+    assert called
+    called.clear()
+    fn(*args, initial_state=h0)
+    fn(*args, output_final_state=True)
+    fn(*args, g=torch.zeros(2, 2, 9, dtype=q.dtype))
+    fn(*(x[:, :, :1] for x in args))  # one step: the reference update
+    assert not called
+    q, k, v, beta, _ = make_inputs(1, 1, 200, 16, 8)  # long: the chunked state order
+    assert causal_order(rule, 200, 16, 8) == "state"
+    fn(*((q, k, v) if rule == "sum" else (q, k, v, beta)))
+    assert not called

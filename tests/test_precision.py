@@ -17,6 +17,7 @@ import torch
 
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention
 from fwp_fairseq.modules.feature_maps import DPFPFeatureMap, FavorFeatureMap, sum_normalize
+from helpers import check_decoding_buffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [(k, u) for k in ("linear", "performer", "dpfp") for u in ("sum", "delta")]
@@ -70,14 +71,17 @@ def test_autocast_matches_fp32(kernel, update, dtype):
 
 @pytest.mark.parametrize("update", ["sum", "delta"])
 def test_decoding_state_and_normaliser_stay_fp32(update):
+    """Every tensor of the decoding state is fp32, factored (steps 1-5) and folded (6-8: d_dot 16, head 8)."""
     a = layer("dpfp", update, attn_normalize=True).to(torch.float16)
-    x = torch.randn(3, 2, 16).to(torch.float16)
-    state = {}
-    for t in range(3):
+    x = torch.randn(8, 2, 16).to(torch.float16)
+    state, folded = {}, []
+    for t in range(8):
         out = a(x[t:t + 1], None, None, incremental_state=state)[0]
         assert out.dtype == torch.float16
-    buf = a._get_input_buffer(state)
-    assert buf["fw_state"].dtype == torch.float32 and buf["fw_z"].dtype == torch.float32
+        buf = a._get_input_buffer(state)
+        assert buf["fw_z"].dtype == torch.float32
+        folded.append(check_decoding_buffer(buf, torch.float32)[0])
+    assert not folded[0] and folded[-1]
 
 
 @pytest.mark.parametrize("kernel", ["dpfp", "performer", "linear"])

@@ -9,11 +9,13 @@ Three uses (arXiv 2102.11174, sections 2-4):
 There is no attention matrix, so attention dropout, attn_mask (causality is structural) and
 need_weights do not apply; the returned weights are always None.
 
+Short sequences run in the cheaper association order, chosen by the ops (attention_order.py).
 The causal recurrence continues from a prior state (S, z) when there is one: in incremental
-decoding, fairseq's incremental state holds "fw_state" S (B, H, d_dot, Dv) and, with the
-attention normaliser, "fw_z" (B, H, 1, d_dot); with set_carry_state (task fwp_stream_lm) the
-state carries over from one segment to the next (carried_state.py). Encoder-decoder attention
-builds its state once from the encoder output and reuses it at every decoding step.
+decoding, fairseq's incremental state holds an ops FactoredState (S as the written keys and
+values while smaller than S, then S; z with the attention normaliser); with set_carry_state (task
+fwp_stream_lm) the state carries over from one segment to the next (carried_state.py).
+Encoder-decoder attention builds its state once from the encoder output and reuses it at every
+decoding step.
 """
 from typing import Dict, Optional
 
@@ -23,8 +25,8 @@ from torch import Tensor
 
 from fairseq.incremental_decoding_utils import with_incremental_state
 
-from ..ops import UPDATES, fast_weight_delta, fast_weight_read, fast_weight_state, fast_weight_sum
-from .carried_state import CarriedState
+from ..ops import UPDATES, FactoredState, fast_weight_delta, fast_weight_noncausal, fast_weight_sum
+from .carried_state import CarriedState, CarriesState
 from .feature_maps import (FEATURE_MAPS, PHI_NORMS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
 from .gate import BETA_SCALE, ScalarGate, check_gate_options, decayed_cumsum
@@ -32,7 +34,7 @@ from .precision import recurrence_dtype, to_accumulation
 
 
 @with_incremental_state
-class FastWeightAttention(nn.Module):
+class FastWeightAttention(CarriesState, nn.Module):
     """feature_map: a name in FEATURE_MAPS; update: the rule of causal attention ("sum" or
     "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default);
     gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py."""
@@ -125,26 +127,6 @@ class FastWeightAttention(nn.Module):
             incremental_state = self._set_input_buffer(incremental_state, buffer)
         return incremental_state
 
-    # -- fast weights carried across segments (task fwp_stream_lm --fwp-carry-state) -------
-    def set_carry_state(self, on=True):
-        """Carry (S, z) from one forward to the next when no incremental_state is given: the
-        batch rows must be contiguous streams whose consecutive segments arrive in order."""
-        if on and not self.causal:
-            raise ValueError("carry_state: only causal self-attention has a state to carry")
-        self.carry_state = bool(on)
-        self._carried.reset()
-
-    def reset_carried_state(self, slot=None):
-        """Forget the carried state of `slot` ("train" / "eval"), or of both: W = 0, z = 0."""
-        self._carried.reset(slot)
-
-    def reset_carried_rows(self, rows, slot="train"):
-        """Forget the carried state of some streams only: rows is a (B,) bool mask."""
-        self._carried.reset_rows(rows, slot)
-
-    def _carry_slot(self):
-        return "train" if self.training else "eval"
-
     # -- forward -------------------------------------------------------------------------
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None,
                 need_weights=True, static_kv=False, attn_mask=None, before_softmax=False,
@@ -172,7 +154,7 @@ class FastWeightAttention(nn.Module):
             q = self._phi(self._heads(qp, bsz))
             k, v = (None, None) if kv is None else self._keys_values(*kv, key_padding_mask, bsz)
             if cached is not None:
-                out = self._read(q, cached["fw_state"], cached.get("fw_z"))
+                out = self._read(q, cached)
             elif self.causal:
                 out = self._causal(q, query, k, v, incremental_state)
             else:
@@ -215,10 +197,9 @@ class FastWeightAttention(nn.Module):
             k = k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         return k, v
 
-    def _read(self, q, state, z):
-        """Every query reads the state (encoder-decoder attention, encoder self-attention)."""
-        out = fast_weight_read(q, state)
-        return self._normalise(out, q, z) if z is not None else out
+    def _read(self, q, memory):
+        """Every query reads a FactoredState (decoding: encoder-decoder memory, one causal step)."""
+        return self._normalise(memory.read(q), q, memory.z) if memory.z is not None else memory.read(q)
 
     def _normalise(self, o, q, z):
         """o / (z . phi(q) + eps); z is (B, H, T or 1, d_dot) in fp32."""
@@ -227,65 +208,80 @@ class FastWeightAttention(nn.Module):
 
     # -- non-causal: write all keys, then read ------------------------------------------
     def _static_state(self, incremental_state, static_kv):
-        """Encoder-decoder attention while decoding: the buffer holding the state built from
-        the encoder output at the first step (None before it, and for every other use)."""
+        """Encoder-decoder attention while decoding: the FactoredState built from the encoder
+        output at the first step (None before it, and for every other use)."""
         if self.causal or not static_kv or incremental_state is None:
             return None
-        buffer = self._get_input_buffer(incremental_state)
-        return buffer if buffer.get("fw_state") is not None else None
+        return FactoredState.from_buffer(self._get_input_buffer(incremental_state))
 
     def _noncausal(self, q, k, v, cache):
-        """cache: the incremental state to keep (S, z) in for the next decoding steps, or None."""
-        state = fast_weight_state(k, v)
-        z = to_accumulation(k).sum(2, keepdim=True) if self.attn_normalize else None
+        """cache: the incremental state to keep the encoder-decoder memory in, or None."""
         if cache is not None:
-            self._set_input_buffer(cache, {"fw_state": state, "fw_z": z})
-        return self._read(q, state, z)
+            memory = FactoredState.written(k, v, with_z=self.attn_normalize)
+            self._set_input_buffer(cache, memory.to_buffer())
+            return self._read(q, memory)
+        out, _ = fast_weight_noncausal(q, k, v)
+        return self._normalise(out, q, to_accumulation(k).sum(2, True)) if self.attn_normalize else out
 
     # -- causal: the sum or delta rule, continuing from a prior state ---------------------
     def _causal(self, q, query, k, v, incremental_state):
-        state0, z0 = self._state_in(incremental_state, q.size(0))
+        memory = self._state_in(incremental_state, q.size(0))
         keep = incremental_state is not None or self.carry_state
         z = None
         g = None if self.gate is None else self.gate(query)  # (B, H, T) log-decays
-        gated = {} if g is None else {"g": g.to(q.dtype)}
-        if self.attn_normalize and g is not None:
-            z = decayed_cumsum(to_accumulation(k), g, z0)  # z_t = a_t z_{t-1} + phi(k_t)
+        if self.attn_normalize and g is not None:  # z_t = a_t z_{t-1} + phi(k_t)
+            z = decayed_cumsum(to_accumulation(k), g, None if memory is None else memory.z)
         elif self.attn_normalize:
             z = to_accumulation(k).cumsum(2)  # z_t = z_{t-1} + phi(k_t)
-            if z0 is not None:
-                z = z + z0
+            if memory is not None and memory.z is not None:
+                z = z + memory.z
+        beta = None
         if self.update == "delta":
             beta = torch.sigmoid(self.beta_proj(query)).permute(1, 2, 0)  # (B, H, T)
             if self.beta_range != "unit":
                 beta = BETA_SCALE[self.beta_range] * beta
             if z is not None:
                 k, beta = self._normalised_delta_inputs(k, beta, z)
-            out, state = fast_weight_delta(q, k, v, beta.to(q.dtype), initial_state=state0,
-                                           output_final_state=keep, impl=self.impl, **gated)
-        else:
-            out, state = fast_weight_sum(q, k, v, initial_state=state0, output_final_state=keep,
-                                         impl=self.impl, **gated)
+            beta = beta.to(q.dtype)
+        step = incremental_state is not None and q.size(2) == 1
+        out, memory = self._write_read(q, k, v, beta, g, memory, step, keep)
         if keep:
-            self._state_out(incremental_state, state, None if z is None else z[:, :, -1:])
+            memory.z = None if z is None else z[:, :, -1:]
+            self._state_out(incremental_state, memory)
         return out if z is None else self._normalise(out, q, z)
 
-    def _state_in(self, incremental_state, bsz):
-        """(S0, z0) the recurrence continues from: the decoding buffer, else the carried segment
-        state, else (None, None): W = 0, z = 0."""
-        if incremental_state is not None:
-            buffer = self._get_input_buffer(incremental_state)
-            return buffer.get("fw_state"), buffer.get("fw_z")
-        if self.carry_state:
-            return self._carried.load(self._carry_slot(), bsz)
-        return None, None
-
-    def _state_out(self, incremental_state, state, z):
-        """Keep the final (S, z) where _state_in will look for it."""
-        if incremental_state is not None:
-            self._set_input_buffer(incremental_state, {"fw_state": state, "fw_z": z})
+    def _write_read(self, q, k, v, beta, g, memory, step, keep):
+        """Sum (beta None) or delta rule, gated by log-decays g or not, from `memory` -> (o,
+        final state when keep). An ungated decoding step appends to the FactoredState (exact);
+        a sequence, or a gated step (the factors hold no decays), runs the ops from memory's S."""
+        if step and g is None:
+            memory = (FactoredState() if memory is None else memory).append(k, v, beta)
+            return memory.read(q), memory
+        state0 = None if memory is None else memory.as_matrix()
+        gated = {} if g is None else {"g": g.to(q.dtype)}
+        if beta is None:
+            out, state = fast_weight_sum(q, k, v, initial_state=state0, output_final_state=keep,
+                                         impl=self.impl, **gated)
         else:
-            self._carried.store(self._carry_slot(), state, z)
+            out, state = fast_weight_delta(q, k, v, beta, initial_state=state0,
+                                           output_final_state=keep, impl=self.impl, **gated)
+        return out, (FactoredState(matrix=state) if keep else None)
+
+    def _state_in(self, incremental_state, bsz):
+        """The FactoredState to continue from: decoding buffer, carried state, or None (W = 0)."""
+        if incremental_state is not None:
+            return FactoredState.from_buffer(self._get_input_buffer(incremental_state))
+        if self.carry_state:
+            state, z = self._carried.load(self._carry_slot(), bsz)
+            return None if state is None else FactoredState(matrix=state, z=z)
+        return None
+
+    def _state_out(self, incremental_state, memory):
+        """Keep the final state where _state_in will look for it."""
+        if incremental_state is not None:
+            self._set_input_buffer(incremental_state, memory.to_buffer())
+        else:
+            self._carried.store(self._carry_slot(), memory.as_matrix(), memory.z)
 
     def _normalised_delta_inputs(self, k, beta, z):
         """The delta rule with v_bar_t = W_{t-1} phi(k_t) / (z_{t-1} . phi(k_t)) is the plain

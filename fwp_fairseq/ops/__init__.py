@@ -2,17 +2,24 @@
 
     fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto")
     fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto")
-    fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False)
+    fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False, order="auto")
+    FactoredState: a decoding state kept as its written keys and values while smaller than S
 
 q, k: (B, H, T, Dk) already feature-mapped; v: (B, H, T, Dv); beta: (B, H, T);
 state: (B, H, Dk, Dv). Each returns (o, final_state); final_state is None unless asked for.
+With impl="auto", a causal call with no state in or out runs in the attention order
+(sum_rule_quadratic, delta_rule_quadratic) when causal_order finds it cheaper; non-causal
+attention picks its order by noncausal_order; FactoredState folds by keep_factored.
 
 UPDATES names the update rules (one op each), IMPLS the implementations `impl` picks from;
 accumulation_dtype(dtype) is the dtype the state accumulates in.
 """
 from ._checks import IMPLS, accumulation_dtype
+from .attention_order import causal_order, keep_factored, noncausal_order
 from .dispatch import cuda_available, fast_weight_delta, fast_weight_sum
+from .factored_state import FactoredState
 from .noncausal import fast_weight_noncausal, fast_weight_read, fast_weight_state
+from .quadratic import delta_rule_quadratic, sum_rule_quadratic
 
 UPDATES = ("sum", "delta")  # fast_weight_sum, fast_weight_delta
 
@@ -22,6 +29,12 @@ __all__ = [
     "fast_weight_noncausal",
     "fast_weight_state",
     "fast_weight_read",
+    "FactoredState",
+    "sum_rule_quadratic",
+    "delta_rule_quadratic",
+    "causal_order",
+    "noncausal_order",
+    "keep_factored",
     "cuda_available",
     "accumulation_dtype",
     "IMPLS",

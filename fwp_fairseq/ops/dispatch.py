@@ -1,9 +1,9 @@
 """Public entry points: validate, then pick an implementation."""
-import inspect
-
 from ._checks import check_causal_inputs
+from .attention_order import causal_order
 from .delta_rule.chunked import delta_rule_chunked
 from .delta_rule.reference import delta_rule_reference
+from .quadratic import delta_rule_quadratic, sum_rule_quadratic
 from .sum_rule.chunked import sum_rule_chunked
 from .sum_rule.reference import sum_rule_reference
 
@@ -17,31 +17,26 @@ def cuda_available():
     return cuda_backend.available()
 
 
-def _cuda_takes_g(name):
-    """Whether this build's CUDA recurrence has the gated form (a keyword g)."""
-    try:
-        from . import cuda_backend
-    except ImportError:
-        return False
-    return "g" in inspect.signature(getattr(cuda_backend, name)).parameters
-
-
-def _resolve(impl, q, v, name, g):
+def _resolve(impl, rule, q, k, v, initial_state, output_final_state, g):
+    """impl "auto": one step -> the reference update (decoding, on any device); no state in or
+    out and no gate -> the attention order when attention_order.causal_order finds it cheaper;
+    CUDA tensors -> the CUDA recurrence where it supports the shape; else chunked."""
     if impl != "auto":
         return impl
-    if q.is_cuda and cuda_available()[0] and (g is None or _cuda_takes_g(name)):
+    T, Dk, Dv = q.shape[2], k.shape[3], v.shape[3]
+    if T == 1:
+        return "reference"  # one decoding step: a single update, no chunking machinery
+    if g is None and causal_order(rule, T, Dk, Dv, initial_state is not None,
+                                  output_final_state) == "quadratic":
+        return "quadratic"
+    if q.is_cuda and cuda_available()[0]:
         from . import cuda_backend
         if cuda_backend.supports(q, v)[0]:  # else (e.g. Dk > 512) fall back to chunked
             return "cuda"
-    if q.shape[2] == 1:
-        return "reference"  # one decoding step: a single update, no chunking machinery
     return "chunked"
 
 
-def _cuda_fn(name, q, g):
-    if g is not None and not _cuda_takes_g(name):
-        raise ValueError("g: impl='cuda' has no gated (log-decay) kernel in this build; "
-                         "use impl='chunked' or impl='auto'")
+def _cuda_fn(name, q):
     if not q.is_cuda:
         raise ValueError(f"impl: 'cuda' needs CUDA tensors, got q on {q.device}")
     ok, why = cuda_available()
@@ -58,13 +53,15 @@ def fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl=
     (decayed linear attention). Values are checked for CPU tensors only (the check would make a
     GPU call wait for the device)."""
     check_causal_inputs(q, k, v, initial_state=initial_state, impl=impl, g=g)
-    impl = _resolve(impl, q, v, "sum_rule_cuda", g)
+    impl = _resolve(impl, "sum", q, k, v, initial_state, output_final_state, g)
     gated = {} if g is None else {"g": g}
+    if impl == "quadratic":
+        return sum_rule_quadratic(q, k, v), None
     if impl == "reference":
         return sum_rule_reference(q, k, v, initial_state, output_final_state, **gated)
     if impl == "chunked":
         return sum_rule_chunked(q, k, v, initial_state, output_final_state, **gated)
-    return _cuda_fn("sum_rule_cuda", q, g)(q, k, v, initial_state, output_final_state, **gated)
+    return _cuda_fn("sum_rule_cuda", q)(q, k, v, initial_state, output_final_state, **gated)
 
 
 def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto", g=None):
@@ -75,10 +72,12 @@ def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=Fals
     S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T, a_t = exp(g_t) (Gated DeltaNet).
     Values are checked for CPU tensors only (the check would make a GPU call wait for the device)."""
     check_causal_inputs(q, k, v, beta, initial_state, impl=impl, with_beta=True, g=g)
-    impl = _resolve(impl, q, v, "delta_rule_cuda", g)
+    impl = _resolve(impl, "delta", q, k, v, initial_state, output_final_state, g)
     gated = {} if g is None else {"g": g}
+    if impl == "quadratic":
+        return delta_rule_quadratic(q, k, v, beta), None
     if impl == "reference":
         return delta_rule_reference(q, k, v, beta, initial_state, output_final_state, **gated)
     if impl == "chunked":
         return delta_rule_chunked(q, k, v, beta, initial_state, output_final_state, **gated)
-    return _cuda_fn("delta_rule_cuda", q, g)(q, k, v, beta, initial_state, output_final_state, **gated)
+    return _cuda_fn("delta_rule_cuda", q)(q, k, v, beta, initial_state, output_final_state, **gated)

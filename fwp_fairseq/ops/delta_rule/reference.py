@@ -18,10 +18,10 @@ def delta_rule_reference(q, k, v, beta, initial_state=None, output_final_state=F
     for t in range(q.shape[2]):
         if decay is not None:
             S = decay[:, :, t, None, None] * S
-        kt = ka[:, :, t]
-        v_old = torch.einsum("bhk,bhkv->bhv", kt, S)  # what the memory returns for this key
-        u = ba[:, :, t, None] * (va[:, :, t] - v_old)
-        S = S + kt[..., :, None] * u[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", qa[:, :, t], S))
-    o = torch.stack(outs, dim=2).to(q.dtype)
+        kt = ka[:, :, t, None]  # (B, H, 1, Dk): row vectors, so that each product is a matmul
+        v_old = kt @ S  # what the memory returns for this key
+        u = ba[:, :, t, None, None] * (va[:, :, t, None] - v_old)
+        S = S + kt.transpose(-1, -2) * u
+        outs.append(qa[:, :, t, None] @ S)
+    o = torch.cat(outs, dim=2).to(q.dtype)
     return o, (S if output_final_state else None)
