@@ -19,7 +19,7 @@ def test_first_matching_row_wins_and_nothing_matching_is_chunked():
 
 
 def test_default_table_respects_the_kernels_limits():
-    for row in auto_rule.TABLE:
+    for row in (*auto_rule.TABLE, auto_rule.CHUNK_ROW):
         assert row.impl in auto_rule.IMPLS
         if row.impl == "cuda-chunk":  # the chunk kernels: fp16/bf16, no gate, Dk <= 256, Dv <= 128
             assert set(row.dtypes) <= {torch.float16, torch.bfloat16}
@@ -27,6 +27,7 @@ def test_default_table_respects_the_kernels_limits():
     assert choose(torch.float32, 64, 64, 4096, True) == "cuda"
     assert choose(torch.bfloat16, 64, 64, 4096, True) == "cuda"  # gated: sequential kernel
     assert choose(torch.bfloat16, 1024, 64, 4096, False) == "chunked"
+    assert auto_rule.CHUNK_ROW not in auto_rule.TABLE  # not chosen before a GPU run measured it
 
 
 def test_choose_for_reads_the_tensors():

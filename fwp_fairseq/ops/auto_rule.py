@@ -5,7 +5,7 @@ gate is allowed) and the implementation: "cuda-chunk" (the chunkwise tensor-core
 cuda_chunk.py), "cuda" (the sequential CUDA recurrence) or "chunked" (the PyTorch chunk form).
 The first row that matches wins; no row matching means "chunked".
 
-PLACEHOLDER values: the rows below follow the kernels' limits and a guess (tensor cores pay off
+PLACEHOLDER values: the rows below (CHUNK_ROW is not in TABLE yet) follow the kernels' limits and a guess (tensor cores pay off
 once a sequence holds a few chunks); the crossovers are to be set from GPU measurements
 (benchmarks/gpu_ops.py), which no run has made yet.
 """
@@ -23,9 +23,11 @@ class Row(NamedTuple):
     gated_ok: bool = False
 
 
-# The kernels' own limits bound the rows; min_t is the placeholder crossover.
+# The kernels' own limits bound the rows; min_t is the placeholder crossover. The chunk kernels
+# have not run on a GPU yet: CHUNK_ROW joins TABLE (first) once a GPU run has checked them and set
+# min_t from benchmarks/gpu_ops.py --suite chunk; until then auto takes the sequential kernel.
+CHUNK_ROW = Row("cuda-chunk", cuda_chunk.GPU_DTYPES, cuda_chunk.KEY_SIZES[-1], cuda_chunk.MAX_DV, min_t=128)
 TABLE = (
-    Row("cuda-chunk", cuda_chunk.GPU_DTYPES, cuda_chunk.KEY_SIZES[-1], cuda_chunk.MAX_DV, min_t=128),
     Row("cuda", cuda_backend.DTYPES, cuda_backend.MAX_DK, cuda_backend.MAX_DV, gated_ok=True),
 )
 IMPLS = ("cuda-chunk", "cuda", "chunked")

@@ -1,4 +1,6 @@
 """Public entry points: validate, then pick an implementation."""
+import functools
+
 from ._checks import check_causal_inputs
 from .attention_order import causal_order
 from .delta_rule.chunked import delta_rule_chunked
@@ -20,7 +22,8 @@ def cuda_available():
 def _resolve(impl, rule, q, k, v, initial_state, output_final_state, g):
     """impl "auto": one step -> the reference update (decoding, on any device); no state in or
     out and no gate -> the attention order when attention_order.causal_order finds it cheaper;
-    CUDA tensors -> the CUDA recurrence where it supports the shape; else chunked."""
+    CUDA tensors -> the kernel auto_rule's table picks ("cuda-chunk", "cuda" or "chunked");
+    else chunked."""
     if impl != "auto":
         return impl
     T, Dk, Dv = q.shape[2], k.shape[3], v.shape[3]
@@ -30,20 +33,21 @@ def _resolve(impl, rule, q, k, v, initial_state, output_final_state, g):
                                   output_final_state) == "quadratic":
         return "quadratic"
     if q.is_cuda and cuda_available()[0]:
-        from . import cuda_backend
-        if cuda_backend.supports(q, v)[0]:  # else (e.g. Dk > 512) fall back to chunked
-            return "cuda"
+        from .auto_rule import choose_for  # the chunk or the sequential kernel, or chunked
+        return choose_for(q, v, g)
     return "chunked"
 
 
-def _cuda_fn(name, q):
+def _cuda_fn(name, q, impl):
+    """The CUDA backend's function; impl "cuda-chunk" (auto only) asks for the chunk kernels."""
     if not q.is_cuda:
         raise ValueError(f"impl: 'cuda' needs CUDA tensors, got q on {q.device}")
     ok, why = cuda_available()
     if not ok:
         raise RuntimeError(f"impl='cuda' is unavailable: {why}")
     from . import cuda_backend
-    return getattr(cuda_backend, name)
+    fn = getattr(cuda_backend, name)
+    return functools.partial(fn, kernel="chunk") if impl == "cuda-chunk" else fn
 
 
 def fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto", g=None):
@@ -61,7 +65,7 @@ def fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl=
         return sum_rule_reference(q, k, v, initial_state, output_final_state, **gated)
     if impl == "chunked":
         return sum_rule_chunked(q, k, v, initial_state, output_final_state, **gated)
-    return _cuda_fn("sum_rule_cuda", q)(q, k, v, initial_state, output_final_state, **gated)
+    return _cuda_fn("sum_rule_cuda", q, impl)(q, k, v, initial_state, output_final_state, **gated)
 
 
 def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto", g=None):
@@ -80,4 +84,4 @@ def fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=Fals
         return delta_rule_reference(q, k, v, beta, initial_state, output_final_state, **gated)
     if impl == "chunked":
         return delta_rule_chunked(q, k, v, beta, initial_state, output_final_state, **gated)
-    return _cuda_fn("delta_rule_cuda", q)(q, k, v, beta, initial_state, output_final_state, **gated)
+    return _cuda_fn("delta_rule_cuda", q, impl)(q, k, v, beta, initial_state, output_final_state, **gated)
