@@ -93,8 +93,8 @@ def write_outputs(rows, lengths, out_dir, meta):
         f.write("|---|" + "---:|" * len(lengths) + "\n")
         for r in rows:
             f.write(f"| {r['label']} | " + " | ".join(f"{r['accuracy'][str(n)]:.3f}" for n in lengths) + " |\n")
-    import matplotlib
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import set DEBUG
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
