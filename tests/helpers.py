@@ -268,3 +268,42 @@ def build_kernel_emulator(name, kernels, headers):
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, lib)
     return ctypes.CDLL(lib)
+
+
+def full_and_incremental(model, prev, encoder_out=None):
+    """Log-probs of one full decoder forward and of step-by-step incremental decoding."""
+    kw = {} if encoder_out is None else {"encoder_out": encoder_out}
+    full = model.get_normalized_probs(model.decoder(prev, **kw), log_probs=True)
+    state, steps = {}, []
+    for t in range(prev.size(1)):
+        out = model.decoder(prev[:, : t + 1], incremental_state=state, **kw)
+        steps.append(model.get_normalized_probs(out, log_probs=True))
+    return full, torch.cat(steps, dim=1)
+
+
+def beam_search_matches_rescoring(model, d, is_lm, beam_size, max_len_b):
+    """Beam search over four padded sources (LM: four forced prefixes); asserts that every
+    hypothesis's positional scores equal a full forward over it. Returns the hypotheses."""
+    from fairseq.sequence_generator import SequenceGenerator
+    g = torch.Generator().manual_seed(5)
+    src = random_tokens(d, 4, 5, g)
+    src[1, :2] = d.pad()
+    lengths = torch.tensor([5, 3, 5, 5])
+    gen = SequenceGenerator([model], d, beam_size=beam_size, max_len_b=max_len_b)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    with torch.no_grad():
+        # LM: different forced prefixes make the four sentences differ.
+        hypos = gen.generate([model], sample, prefix_tokens=src[:, -2:] if is_lm else None)
+        for i, beams in enumerate(hypos):
+            for h in beams:
+                tokens = h["tokens"].unsqueeze(0)
+                prev = torch.cat([torch.full((1, 1), d.eos()), tokens[:, :-1]], 1)
+                if is_lm:
+                    out = model(prev)
+                else:
+                    keep = src[i].ne(d.pad())
+                    out = model(src[i][keep].unsqueeze(0), lengths[i: i + 1], prev)
+                lp = model.get_normalized_probs(out, log_probs=True)[0].gather(-1, tokens[0].unsqueeze(-1))[:, 0]
+                torch.testing.assert_close(lp, h["positional_scores"], atol=1e-4, rtol=0)
+    return hypos
+

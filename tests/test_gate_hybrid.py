@@ -8,7 +8,6 @@ import torch
 
 pytest.importorskip("fairseq")
 from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
-from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 import fwp_fairseq  # noqa: E402
 
@@ -16,7 +15,7 @@ fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from fwp_fairseq.modules.gate import decayed_cumsum  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from helpers import build, random_tokens  # noqa: E402
+from helpers import beam_search_matches_rescoring, build, full_and_incremental, random_tokens  # noqa: E402
 
 GATED_DOUBLE = ["--fwp-gate", "scalar", "--fwp-beta-range", "double", "--fwp-kernel", "identity",
                 "--fwp-l2-normalize", "--fwp-update", "delta"]
@@ -173,16 +172,6 @@ def test_layer_errors():
 
 # -- models: incremental == full, beam search == rescoring, carried state ---------------------
 
-def _full_and_incremental(model, prev, encoder_out=None):
-    kw = {} if encoder_out is None else {"encoder_out": encoder_out}
-    full = model.get_normalized_probs(model.decoder(prev, **kw), log_probs=True)
-    state, steps = {}, []
-    for t in range(prev.size(1)):
-        out = model.decoder(prev[:, : t + 1], incremental_state=state, **kw)
-        steps.append(model.get_normalized_probs(out, log_probs=True))
-    return full, torch.cat(steps, dim=1)
-
-
 def _randomise_gates(model):
     for i, a in enumerate(fast_layers(model)):
         if a.gate is not None:
@@ -201,7 +190,7 @@ def test_incremental_equals_full_lm(flags):
     model.eval()
     prev = torch.cat([torch.full((2, 1), d.eos()), random_tokens(d, 2, 11, torch.Generator().manual_seed(2))], 1)
     with torch.no_grad():
-        full, inc = _full_and_incremental(model, prev)
+        full, inc = full_and_incremental(model, prev)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
@@ -217,7 +206,7 @@ def test_incremental_equals_full_mt(flags):
     enc = model.encoder(src, src_lengths=torch.tensor([5, 7, 7]))
     prev = torch.cat([torch.full((3, 1), d.eos()), random_tokens(d, 3, 8, g)], dim=1)
     with torch.no_grad():
-        full, inc = _full_and_incremental(model, prev, enc)
+        full, inc = full_and_incremental(model, prev, enc)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
@@ -228,25 +217,7 @@ def test_hybrid_beam_scores_match_rescoring(arch):
     model, d = build(arch, ["--fwp-softmax-layers", "1", *GATED_DOUBLE])
     _randomise_gates(model)
     model.eval()
-    g = torch.Generator().manual_seed(5)
-    src = random_tokens(d, 4, 5, g)
-    src[1, :2] = d.pad()
-    lengths = torch.tensor([5, 3, 5, 5])
-    gen = SequenceGenerator([model], d, beam_size=3, max_len_b=7)
-    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
-    with torch.no_grad():
-        hypos = gen.generate([model], sample, prefix_tokens=src[:, -2:] if is_lm else None)
-        for i, beams in enumerate(hypos):
-            for h in beams:
-                tokens = h["tokens"].unsqueeze(0)
-                prev = torch.cat([torch.full((1, 1), d.eos()), tokens[:, :-1]], 1)
-                if is_lm:
-                    out = model(prev)
-                else:
-                    keep = src[i].ne(d.pad())
-                    out = model(src[i][keep].unsqueeze(0), lengths[i: i + 1], prev)
-                lp = model.get_normalized_probs(out, log_probs=True)[0].gather(-1, tokens[0].unsqueeze(-1))[:, 0]
-                torch.testing.assert_close(lp, h["positional_scores"], atol=1e-4, rtol=0)
+    beam_search_matches_rescoring(model, d, is_lm, beam_size=3, max_len_b=7)
 
 
 def test_carried_state_refuses_hybrids():

@@ -6,13 +6,12 @@ import torch
 
 pytest.importorskip("fairseq")
 from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
-from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
-from helpers import build, random_tokens  # noqa: E402
+from helpers import beam_search_matches_rescoring, build, full_and_incremental, random_tokens  # noqa: E402
 
 CASES = [(k, u) for k in ("linear", "performer", "dpfp") for u in ("sum", "delta")]
 
@@ -117,16 +116,6 @@ def test_encoder_layer_runs_our_attention():
 
 # -- incremental decoding == full forward ---------------------------------------------------
 
-def _full_and_incremental(model, prev, encoder_out=None):
-    kw = {} if encoder_out is None else {"encoder_out": encoder_out}
-    full = model.get_normalized_probs(model.decoder(prev, **kw), log_probs=True)
-    state, steps = {}, []
-    for t in range(prev.size(1)):
-        out = model.decoder(prev[:, : t + 1], incremental_state=state, **kw)
-        steps.append(model.get_normalized_probs(out, log_probs=True))
-    return full, torch.cat(steps, dim=1)
-
-
 @pytest.mark.parametrize("kernel, update", CASES)
 @pytest.mark.parametrize("norm", [None, True])
 def test_incremental_equals_full_mt(kernel, update, norm):
@@ -138,7 +127,7 @@ def test_incremental_equals_full_mt(kernel, update, norm):
     enc = model.encoder(src, src_lengths=torch.tensor([5, 7, 7]))
     prev = torch.cat([torch.full((3, 1), d.eos()), random_tokens(d, 3, 8, g)], dim=1)
     with torch.no_grad():
-        full, inc = _full_and_incremental(model, prev, enc)
+        full, inc = full_and_incremental(model, prev, enc)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
@@ -149,7 +138,7 @@ def test_incremental_equals_full_lm(kernel, update, norm):
     model.eval()
     prev = torch.cat([torch.full((2, 1), d.eos()), random_tokens(d, 2, 11, torch.Generator().manual_seed(2))], 1)
     with torch.no_grad():
-        full, inc = _full_and_incremental(model, prev)
+        full, inc = full_and_incremental(model, prev)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
 
 
@@ -208,29 +197,9 @@ def test_beam_search_scores_match_rescoring(arch, kernel, update):
     is_lm = "lm" in arch
     model, d = build(arch, kernel_args(kernel, update))
     _train_copy(model, d, is_lm)
-    g = torch.Generator().manual_seed(5)
-    src = random_tokens(d, 4, 5, g)
-    src[1, :2] = d.pad()
-    lengths = torch.tensor([5, 3, 5, 5])
-    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9)
-    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
-    with torch.no_grad():
-        # LM: different forced prefixes make the four sentences differ.
-        hypos = gen.generate([model], sample, prefix_tokens=src[:, -2:] if is_lm else None)
-        lens = set()
-        for i, beams in enumerate(hypos):
-            assert len(beams) == 4
-            for h in beams:
-                tokens = h["tokens"].unsqueeze(0)
-                lens.add(tokens.size(1))
-                prev = torch.cat([torch.full((1, 1), d.eos()), tokens[:, :-1]], 1)
-                if is_lm:
-                    out = model(prev)
-                else:
-                    keep = src[i].ne(d.pad())
-                    out = model(src[i][keep].unsqueeze(0), lengths[i: i + 1], prev)
-                lp = model.get_normalized_probs(out, log_probs=True)[0].gather(-1, tokens[0].unsqueeze(-1))[:, 0]
-                torch.testing.assert_close(lp, h["positional_scores"], atol=1e-4, rtol=0)
+    hypos = beam_search_matches_rescoring(model, d, is_lm, beam_size=4, max_len_b=9)
+    assert all(len(beams) == 4 for beams in hypos)
+    lens = {h["tokens"].numel() for beams in hypos for h in beams}
     if not is_lm:  # sources of different lengths: sentences finish at different steps
         assert len(lens) > 1
 
