@@ -307,3 +307,16 @@ def beam_search_matches_rescoring(model, d, is_lm, beam_size, max_len_b):
                 torch.testing.assert_close(lp, h["positional_scores"], atol=1e-4, rtol=0)
     return hypos
 
+
+def assert_rel_close(a, b, tol):
+    """max |a - b| / max |b| below tol (the emulated-kernel tests' check)."""
+    scale = b.abs().max().clamp_min(1e-12)
+    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
+
+
+def assert_bit_reproducible(run):
+    """run() -> (o, final state, {name: grad}); two calls must agree bit for bit."""
+    a, b = run(), run()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name])

@@ -14,7 +14,8 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import build_kernel_emulator, gated_reference, positive_inputs, skewed_log_decay
+from helpers import (assert_bit_reproducible, assert_rel_close, build_kernel_emulator, gated_reference,
+                     positive_inputs, skewed_log_decay)
 
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fwp_launch.cuh",
@@ -108,11 +109,6 @@ def _ref_fn(delta):
     return lambda q, k, v, h0: sum_rule_reference(q, k, v, h0, True)
 
 
-def _close(a, b, tol):
-    scale = b.abs().max().clamp_min(1e-12)
-    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
-
-
 # (B, H, T, Dk, Dv): chunk tails, partial value tiles, Python-side padding, T = 1, the 256/512
 # key tiles and the 128/256 value tiles of the q/k gradient pass.
 SHAPES = [
@@ -130,11 +126,11 @@ def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, de
     inputs = positive_inputs(*shape, torch.float64)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta)
     o_r, ht_r, grads_r = _run(_ref_fn(delta), inputs, delta)
-    _close(o, o_r, 1e-10)
-    _close(ht, ht_r, 1e-10)
+    assert_rel_close(o, o_r, 1e-10)
+    assert_rel_close(ht, ht_r, 1e-10)
     assert grads.keys() == grads_r.keys()
     for name in grads_r:
-        _close(grads[name], grads_r[name], 1e-9)
+        assert_rel_close(grads[name], grads_r[name], 1e-9)
 
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
@@ -144,21 +140,17 @@ def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delt
     ref_inputs = [x.double() for x in inputs]
     o_r, ht_r, grads_r = _run(_ref_fn(delta), ref_inputs, delta, with_h0=False)
     assert o.dtype == torch.float32 and ht.dtype == torch.float32
-    _close(o, o_r, 1e-5)
-    _close(ht, ht_r, 1e-5)
+    assert_rel_close(o, o_r, 1e-5)
+    assert_rel_close(ht, ht_r, 1e-5)
     for name in grads_r:
-        _close(grads[name], grads_r[name], 1e-5)
+        assert_rel_close(grads[name], grads_r[name], 1e-5)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
 def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints, gated):
     inputs = positive_inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
     inputs += [skewed_log_decay(1, 1, 19)] if gated else []
-    a = _run(_emu_fn(emu, True), inputs, True)
-    b = _run(_emu_fn(emu, True), inputs, True)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for name in a[2]:
-        assert torch.equal(a[2][name], b[2][name])
+    assert_bit_reproducible(lambda: _run(_emu_fn(emu, True), inputs, True))
 
 
 def test_emulated_forward_without_grad_stores_nothing(emu):
@@ -166,8 +158,8 @@ def test_emulated_forward_without_grad_stores_nothing(emu):
     with torch.no_grad():
         o, ht = cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
     assert ht is None
-    _close(o, delta_rule_reference(q.double(), k.double(), v.double(), beta.double(),
-                                   h0.double())[0], 1e-5)
+    want = delta_rule_reference(q.double(), k.double(), v.double(), beta.double(), h0.double())[0]
+    assert_rel_close(o, want, 1e-5)
 
 
 def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):
@@ -190,11 +182,11 @@ def _check_gated(emu, shape, delta, dtype, tol, with_h0=True, seed=0):
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0)
     o_r, ht_r, grads_r = _run(_gated_ref_fn(delta), [x.double() for x in inputs], delta, with_h0)
     assert o.dtype == dtype and ht.dtype == dtype
-    _close(o, o_r, tol)
-    _close(ht, ht_r, tol)
+    assert_rel_close(o, o_r, tol)
+    assert_rel_close(ht, ht_r, tol)
     assert grads.keys() == grads_r.keys() and "g" in grads
     for name in grads_r:
-        _close(grads[name], grads_r[name], tol)
+        assert_rel_close(grads[name], grads_r[name], tol)
 
 
 # T around the 64-step chunks and past the 128-step checkpoint (a restart in the backward).
@@ -220,10 +212,10 @@ def test_emulated_gate_of_zero_is_the_ungated_rule(emu):
     o, ht, grads = _run(_emu_fn(emu, True), inputs + [torch.zeros(1, 1, 30, dtype=torch.float64)],
                         True)
     o_u, ht_u, grads_u = _run(_emu_fn(emu, True), inputs, True)
-    _close(o, o_u, 1e-12)
-    _close(ht, ht_u, 1e-12)
+    assert_rel_close(o, o_u, 1e-12)
+    assert_rel_close(ht, ht_u, 1e-12)
     for name in grads_u:
-        _close(grads[name], grads_u[name], 1e-12)
+        assert_rel_close(grads[name], grads_u[name], 1e-12)
 
 
 def test_bad_gate_shape_is_refused(emu):

@@ -15,7 +15,8 @@ from fwp_fairseq.ops import cuda_chunk
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import CHUNK_HALF_TOL, build_kernel_emulator, positive_inputs, rel_rms
+from helpers import (CHUNK_HALF_TOL, assert_bit_reproducible, assert_rel_close, build_kernel_emulator,
+                     positive_inputs, rel_rms)
 
 KERNELS = ("chunk_fwd.cu", "chunk_bwd.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fwp_mma.cuh",
@@ -99,22 +100,17 @@ def _ref_fn(delta):
     return lambda q, k, v, b, h0: sum_rule_reference(q, k, v, h0, True)
 
 
-def _close(a, b, tol):
-    scale = b.abs().max().clamp_min(1e-12)
-    assert (a.double() - b.double()).abs().max() / scale < tol, (a - b).abs().max()
-
-
 def _check(emu, shape, delta, dtype=torch.float64, tol=1e-9, with_h0=True, seed=0):
     inputs = positive_inputs(*shape, dtype, seed=seed)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0)
     o_r, ht_r, grads_r = _run(_ref_fn(delta), [x.double() for x in inputs], delta, with_h0)
     assert o.dtype == dtype and o.shape == o_r.shape and ht.shape == ht_r.shape
-    _close(o, o_r, tol)
-    _close(ht, ht_r, tol)
+    assert_rel_close(o, o_r, tol)
+    assert_rel_close(ht, ht_r, tol)
     expected = {"q", "k", "v"} | ({"beta"} if delta else set()) | ({"h0"} if with_h0 else set())
     assert set(grads) >= expected
     for name in expected:
-        _close(grads[name], grads_r[name], tol)
+        assert_rel_close(grads[name], grads_r[name], tol)
 
 
 # T around the 64-step chunk, Dk != Dv, both value tiles (16, 32) and two tiles of 32.
@@ -155,11 +151,7 @@ def test_chunk_kernels_half_inputs_round_like_the_gpu(emu, dtype, delta):
 
 def test_chunk_kernels_are_bit_reproducible(emu):
     inputs = positive_inputs(1, 2, 70, 32, 48, torch.float32, seed=5)
-    a = _run(_emu_fn(emu, True), inputs, True)
-    b = _run(_emu_fn(emu, True), inputs, True)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for name in a[2]:
-        assert torch.equal(a[2][name], b[2][name])
+    assert_bit_reproducible(lambda: _run(_emu_fn(emu, True), inputs, True))
 
 
 def test_chunk_forward_without_grad_stores_nothing(emu):
@@ -167,7 +159,7 @@ def test_chunk_forward_without_grad_stores_nothing(emu):
     with torch.no_grad():
         o, ht = cuda_chunk.apply_chunked(emu, q, k, v, beta, h0, False, True)
     assert ht is None
-    _close(o, delta_rule_reference(q, k, v, beta, h0)[0], 1e-10)
+    assert_rel_close(o, delta_rule_reference(q, k, v, beta, h0)[0], 1e-10)
 
 
 def test_chunk_sizes_are_reported(emu):
