@@ -25,6 +25,16 @@ def shared_data():
     return path
 
 
+
+@pytest.fixture(scope="module")
+def cuda():
+    """The CUDA device for the GPU tests; skips with cuda_available()'s reason without one."""
+    from fwp_fairseq.ops import cuda_available
+    ok, why = cuda_available()
+    if not ok:
+        pytest.skip(f"impl='cuda' unavailable: {why}")
+    return torch.device("cuda")
+
 @pytest.fixture(scope="session")
 def tiny_lm_corpus(tmp_path_factory):
     """Binarised LM data (lm-bin/: train, valid, test) of 1- to 8-word lines over 12 words,

@@ -5,7 +5,7 @@ tests/test_cuda_chunk.py (emulated); this file checks the tensor-core build and 
 import pytest
 import torch
 
-from fwp_fairseq.ops import cuda_available, cuda_backend
+from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.chunked import delta_rule_chunked
 from fwp_fairseq.ops.sum_rule.chunked import sum_rule_chunked
 
@@ -13,14 +13,6 @@ from helpers import CHUNK_HALF_TOL, positive_inputs, rel_rms
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 DELTA = pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
-
-
-@pytest.fixture(scope="module")
-def cuda():
-    ok, why = cuda_available()
-    if not ok:
-        pytest.skip(f"impl='cuda' unavailable: {why}")
-    return torch.device("cuda")
 
 
 def _chunk(delta):

@@ -113,14 +113,6 @@ def _inputs(shape, dtype, device, gated, seed=0):
 GATED = pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
 
 
-@pytest.fixture(scope="module")
-def cuda():
-    ok, why = cuda_available()
-    if not ok:
-        pytest.skip(f"impl='cuda' unavailable: {why}")
-    return torch.device("cuda")
-
-
 # (B, H, T, Dk, Dv): odd T, Dk != Dv both ways, padding (Dk, Dv not multiples of 8), the largest
 # key and value dims, several checkpoint segments (T > 128), and a partial last chunk.
 SHAPES = [
