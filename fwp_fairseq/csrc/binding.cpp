@@ -48,17 +48,29 @@ const void* opt_ptr(const OptT& t, const char* name, const at::Tensor& like, at:
 
 void raise_on(const char* err) { TORCH_CHECK(err == nullptr, err ? err : ""); }
 
+// q, k and x (v or dout) share q's device and dtype.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& x,
+                  const char* x_name) {
+  check(q, "q", q, q.scalar_type());
+  check(k, "k", q, q.scalar_type());
+  check(x, x_name, q, q.scalar_type());
+}
+
+// The forward passes' inputs q, k, v and outputs o (input dtype) and ht (accumulator dtype).
+void check_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& o, const at::Tensor& ht, at::ScalarType acc) {
+  check_inputs(q, k, v, "v");
+  check(o, "o", q, q.scalar_type());
+  check(ht, "ht", q, acc);
+  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "fwp: q and v must be (BH, T, D)");
+}
+
 // q, k: (BH, T, Dk); v, o: (BH, T, Dv). Fills o, ht and (if given) ckpt, err.
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& beta,
              const OptT& a, const OptT& h0, const at::Tensor& o, const at::Tensor& ht,
              const OptT& ckpt, const OptT& err, int64_t ck_every, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
-  check(q, "q", q, q.scalar_type());
-  check(k, "k", q, q.scalar_type());
-  check(v, "v", q, q.scalar_type());
-  check(o, "o", q, q.scalar_type());
-  check(ht, "ht", q, acc);
-  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "fwp: q and v must be (BH, T, D)");
+  check_forward(q, k, v, o, ht, acc);
   raise_on(fwp_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                        opt_ptr(beta, "beta", q, acc), opt_ptr(a, "a", q, acc),
                        opt_ptr(h0, "h0", q, acc), o.data_ptr(),
@@ -73,9 +85,7 @@ void state_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout
                 const OptT& beta, const OptT& a, const OptT& dht, const at::Tensor& du,
                 const OptT& dh0, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
-  check(q, "q", q, q.scalar_type());
-  check(k, "k", q, q.scalar_type());
-  check(dout, "dout", q, q.scalar_type());
+  check_inputs(q, k, dout, "dout");
   check(du, "du", q, acc);
   raise_on(fwp_state_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
                           opt_ptr(beta, "beta", q, acc), opt_ptr(a, "a", q, acc),
@@ -92,9 +102,7 @@ void qk_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
              const at::Tensor& ckpt, const at::Tensor& dq, const at::Tensor& dk, const OptT& dkr,
              const OptT& lam, int64_t ck_every, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
-  check(q, "q", q, q.scalar_type());
-  check(k, "k", q, q.scalar_type());
-  check(dout, "dout", q, q.scalar_type());
+  check_inputs(q, k, dout, "dout");
   check(u, "u", q, acc);
   check(ckpt, "ckpt", q, acc);
   check(dq, "dq", q, q.scalar_type());
@@ -113,12 +121,7 @@ void chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const OptT& beta, const OptT& h0, const at::Tensor& o, const at::Tensor& ht,
                    const OptT& states, const OptT& u, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
-  check(q, "q", q, q.scalar_type());
-  check(k, "k", q, q.scalar_type());
-  check(v, "v", q, q.scalar_type());
-  check(o, "o", q, q.scalar_type());
-  check(ht, "ht", q, acc);
-  TORCH_CHECK(q.dim() == 3 && v.dim() == 3, "fwp: q and v must be (BH, T, D)");
+  check_forward(q, k, v, o, ht, acc);
   raise_on(fwp_chunk_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                              opt_ptr(beta, "beta", q, acc), opt_ptr(h0, "h0", q, acc),
                              o.data_ptr(), ht.data_ptr(),
@@ -135,9 +138,7 @@ void chunk_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const OptT& dkb, const at::Tensor& dv, const OptT& dh0, bool delta,
                     int64_t stream) {
   const auto acc = acc_type(q);
-  check(q, "q", q, q.scalar_type());
-  check(k, "k", q, q.scalar_type());
-  check(v, "v", q, q.scalar_type());
+  check_inputs(q, k, v, "v");
   check(dout, "dout", q, q.scalar_type());
   check(states, "states", q, acc);
   check(dq, "dq", q, acc);
