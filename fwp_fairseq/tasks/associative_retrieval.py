@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from fairseq.logging import metrics
-from fairseq.data import FairseqDataset
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
+
+from fwp_fairseq.data.generated import GeneratedDataset
 
 
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
@@ -47,33 +48,18 @@ def make_sequence(rng, num_keys, setting, key_vocab_size, num_queries):
     return keys.astype(np.int64), values.astype(np.int64), queries.astype(np.int64), targets.astype(np.int64)
 
 
-class AssociativeRetrievalDataset(FairseqDataset):
+class AssociativeRetrievalDataset(GeneratedDataset):
     def __init__(self, size, num_keys, setting, key_vocab_size, num_queries, seed, split_id, fresh_each_epoch):
-        self.size = size
+        super().__init__(size, seed, split_id, fresh_each_epoch)
         self.num_keys = num_keys
         self.setting = setting
         self.key_vocab_size = key_vocab_size
         self.num_queries = num_queries
-        self.seed = seed
-        self.split_id = split_id
-        self.fresh_each_epoch = fresh_each_epoch
-        self.epoch = 1
         self.seq_len = num_keys * (1 if setting == 1 else 2)
         self.queries_per_seq = self.seq_len if num_queries == 0 else num_queries
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    @property
-    def can_reuse_epoch_itr_across_epochs(self):
-        return True  # batches are index lists; the content changes through set_epoch
-
-    def __len__(self):
-        return self.size
-
     def __getitem__(self, index):
-        epoch = self.epoch if self.fresh_each_epoch else 0
-        rng = np.random.default_rng([self.seed, self.split_id, epoch, int(index)])
+        rng = self.rng(index)
         keys, values, queries, targets = make_sequence(
             rng, self.num_keys, self.setting, self.key_vocab_size, self.num_queries)
         return {"id": index, "keys": keys, "values": values, "queries": queries, "targets": targets}
@@ -96,9 +82,6 @@ class AssociativeRetrievalDataset(FairseqDataset):
 
     def size(self, index):
         return self.seq_len + self.queries_per_seq
-
-    def ordered_indices(self):
-        return np.arange(len(self), dtype=np.int64)
 
 
 @dataclass

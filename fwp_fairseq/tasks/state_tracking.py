@@ -12,11 +12,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from fairseq.data import Dictionary, FairseqDataset
+from fairseq.data import Dictionary
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
+
+from fwp_fairseq.data.generated import GeneratedDataset
 
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 EVAL_SPLIT = 7  # the split id of evaluate_lengths' strings (apart from train / valid / test)
@@ -35,26 +37,14 @@ def make_example(rng, modulus, length):
     return x.astype(np.int64), (np.cumsum(x) % modulus).astype(np.int64)
 
 
-class StateTrackingDataset(FairseqDataset):
+class StateTrackingDataset(GeneratedDataset):
     def __init__(self, size, length, modulus, seed, split_id, fresh_each_epoch, offset):
-        self.num_strings, self.length, self.modulus = size, length, modulus
-        self.seed, self.split_id, self.fresh_each_epoch = seed, split_id, fresh_each_epoch
+        super().__init__(size, seed, split_id, fresh_each_epoch)
+        self.length, self.modulus = length, modulus
         self.offset = offset  # dictionary index of the digit "0"
-        self.epoch = 1
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    @property
-    def can_reuse_epoch_itr_across_epochs(self):
-        return True  # batches are index lists; the content changes through set_epoch
-
-    def __len__(self):
-        return self.num_strings
 
     def __getitem__(self, index):
-        epoch = self.epoch if self.fresh_each_epoch else 0
-        rng = np.random.default_rng([self.seed, self.split_id, epoch, int(index)])
+        rng = self.rng(index)
         x, y = make_example(rng, self.modulus, self.length)
         return {"id": index, "source": torch.from_numpy(x + self.offset), "target": torch.from_numpy(y + self.offset)}
 
@@ -72,9 +62,6 @@ class StateTrackingDataset(FairseqDataset):
 
     def size(self, index):
         return self.length
-
-    def ordered_indices(self):
-        return np.arange(len(self), dtype=np.int64)
 
 
 @dataclass
