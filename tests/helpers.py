@@ -241,6 +241,23 @@ def run_models(folder):
 
 # ---------------------------------------------------------------- the CUDA kernels' CPU emulator
 
+class KernelLib:
+    """Base of the emulator wrappers: _p passes a tensor (16-byte aligned, contiguous) or None
+    as a pointer; _check raises the C entry point's error text."""
+
+    @staticmethod
+    def _p(t):
+        if t is None:
+            return None
+        assert t.is_contiguous() and t.data_ptr() % 16 == 0
+        return t.data_ptr()
+
+    @staticmethod
+    def _check(err):
+        if err is not None:
+            raise RuntimeError(err.decode())
+
+
 def build_kernel_emulator(name, kernels, headers):
     """A ctypes library of fwp_fairseq/csrc's `kernels` compiled with g++ -DFWP_EMU (fwp_emu.h),
     cached under build/emu/<name>-<hash of kernels and headers>; skips the test without g++."""
@@ -320,3 +337,14 @@ def assert_bit_reproducible(run):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     for name in a[2]:
         assert torch.equal(a[2][name], b[2][name])
+
+
+def assert_no_grad_forward_stores_nothing(fwd, shape, dtype, tol):
+    """fwd(q, k, v, beta, h0) -> (o, final state), called under no_grad: it must store no final
+    state (None) and its o must match the fp64 delta-rule reference."""
+    from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
+    q, k, v, beta, h0 = positive_inputs(*shape, dtype)
+    with torch.no_grad():
+        o, ht = fwd(q, k, v, beta, h0)
+    assert ht is None
+    assert_rel_close(o, delta_rule_reference(*(x.double() for x in (q, k, v, beta, h0)))[0], tol)

@@ -14,8 +14,9 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import (assert_bit_reproducible, assert_rel_close, build_kernel_emulator, gated_reference,
-                     positive_inputs, skewed_log_decay)
+from helpers import (KernelLib, assert_bit_reproducible, assert_no_grad_forward_stores_nothing,
+                     assert_rel_close, build_kernel_emulator, gated_reference, positive_inputs,
+                     skewed_log_decay)
 
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fwp_launch.cuh",
@@ -23,7 +24,7 @@ HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fw
 CODES = {torch.float32: 0, torch.float64: 3}
 
 
-class Emulator:
+class Emulator(KernelLib):
     """The extension's three functions (binding.cpp), over ctypes, for CPU tensors."""
 
     def __init__(self, lib):
@@ -36,18 +37,6 @@ class Emulator:
         ):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_char_p
-
-    @staticmethod
-    def _p(t):
-        if t is None:
-            return None
-        assert t.is_contiguous() and t.data_ptr() % 16 == 0
-        return t.data_ptr()
-
-    @staticmethod
-    def _check(err):
-        if err is not None:
-            raise RuntimeError(err.decode())
 
     def forward(self, q, k, v, beta, a, h0, o, ht, ckpt, err, ck_every, delta, stream):
         p = self._p
@@ -154,12 +143,8 @@ def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints, gated):
 
 
 def test_emulated_forward_without_grad_stores_nothing(emu):
-    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
-    with torch.no_grad():
-        o, ht = cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
-    assert ht is None
-    want = delta_rule_reference(q.double(), k.double(), v.double(), beta.double(), h0.double())[0]
-    assert_rel_close(o, want, 1e-5)
+    fwd = lambda q, k, v, beta, h0: cuda_backend._apply(emu, q, k, v, beta, h0, False, True)  # noqa: E731
+    assert_no_grad_forward_stores_nothing(fwd, (1, 1, 7, 8, 8), torch.float32, 1e-5)
 
 
 def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):

@@ -15,8 +15,9 @@ from fwp_fairseq.ops import cuda_chunk
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import (CHUNK_HALF_TOL, assert_bit_reproducible, assert_rel_close, build_kernel_emulator,
-                     positive_inputs, rel_rms)
+from helpers import (CHUNK_HALF_TOL, KernelLib, assert_bit_reproducible,
+                     assert_no_grad_forward_stores_nothing, assert_rel_close,
+                     build_kernel_emulator, positive_inputs, rel_rms)
 
 KERNELS = ("chunk_fwd.cu", "chunk_bwd.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fwp_mma.cuh",
@@ -24,7 +25,7 @@ HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fw
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-class ChunkEmulator:
+class ChunkEmulator(KernelLib):
     """The extension's chunk functions (binding.cpp), over ctypes, for CPU tensors."""
 
     def __init__(self, lib):
@@ -42,18 +43,6 @@ class ChunkEmulator:
 
     def chunk_value_tile(self, Dv):
         return self.lib.fwp_chunk_value_tile(Dv)
-
-    @staticmethod
-    def _p(t):
-        if t is None:
-            return None
-        assert t.is_contiguous() and t.data_ptr() % 16 == 0
-        return t.data_ptr()
-
-    @staticmethod
-    def _check(err):
-        if err is not None:
-            raise RuntimeError(err.decode())
 
     def chunk_forward(self, q, k, v, beta, h0, o, ht, states, u, delta, stream):
         p = self._p
@@ -155,11 +144,8 @@ def test_chunk_kernels_are_bit_reproducible(emu):
 
 
 def test_chunk_forward_without_grad_stores_nothing(emu):
-    q, k, v, beta, h0 = positive_inputs(1, 1, 70, 16, 16, torch.float64)
-    with torch.no_grad():
-        o, ht = cuda_chunk.apply_chunked(emu, q, k, v, beta, h0, False, True)
-    assert ht is None
-    assert_rel_close(o, delta_rule_reference(q, k, v, beta, h0)[0], 1e-10)
+    fwd = lambda q, k, v, beta, h0: cuda_chunk.apply_chunked(emu, q, k, v, beta, h0, False, True)  # noqa: E731
+    assert_no_grad_forward_stores_nothing(fwd, (1, 1, 70, 16, 16), torch.float64, 1e-10)
 
 
 def test_chunk_sizes_are_reported(emu):
