@@ -163,13 +163,7 @@ template <typename F>
 const char* chunk_entry(long long BH, long long T, int Dk, int Dv, F&& body) {
   if (BH <= 0 || T <= 0 || Dk <= 0 || Dv <= 0) return "fwp_chunk: empty input";
   if (Dv % 16 || Dv > 128) return "fwp_chunk: Dv must be a multiple of 16, at most 128 (pad)";
-  try {
-    return body();
-  } catch (const std::exception& ex) {
-    static thread_local std::string msg;
-    msg = ex.what();
-    return msg.c_str();
-  }
+  return errors_as_text(body);
 }
 
 // One CTA per (head, value tile); smem from the kernel's own Carver count.

@@ -49,14 +49,9 @@ const char* dispatch_len(int n, F&& f) {
   return "fwp: feature dimension too large (Dk <= 512, Dv <= 256)";
 }
 
-// An entry point: the size checks the three share, then body(); errors come back as text, the
-// emulator's exceptions too.
+// body(), with an exception's text (the emulator's too) returned as the error.
 template <typename F>
-const char* entry(long long BH, long long T, int Dk, int Dv, int ck_every, F&& body) {
-  if (BH <= 0 || T <= 0 || Dk <= 0 || Dv <= 0) return "fwp: empty input";
-  if (Dk % 8 || Dv % 8) return "fwp: Dk and Dv must be multiples of 8 (pad with zeros)";
-  if (Dk > 512 || Dv > 256) return "fwp: Dk <= 512 and Dv <= 256";
-  if (ck_every <= 0) return "fwp: ck_every must be positive";
+const char* errors_as_text(F&& body) {
   try {
     return body();
   } catch (const std::exception& ex) {
@@ -64,6 +59,16 @@ const char* entry(long long BH, long long T, int Dk, int Dv, int ck_every, F&& b
     msg = ex.what();
     return msg.c_str();
   }
+}
+
+// An entry point: the size checks the three share, then body(); errors come back as text.
+template <typename F>
+const char* entry(long long BH, long long T, int Dk, int Dv, int ck_every, F&& body) {
+  if (BH <= 0 || T <= 0 || Dk <= 0 || Dv <= 0) return "fwp: empty input";
+  if (Dk % 8 || Dv % 8) return "fwp: Dk and Dv must be multiples of 8 (pad with zeros)";
+  if (Dk > 512 || Dv > 256) return "fwp: Dk <= 512 and Dv <= 256";
+  if (ck_every <= 0) return "fwp: ck_every must be positive";
+  return errors_as_text(body);
 }
 
 #ifdef FWP_EMU
