@@ -27,8 +27,9 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-# The paper's associative-retrieval experiment (~10 min on 2 CPU cores; results/demo/), then
-# parity with beta in (0, 1) vs (0, 2) (~5 min; results/demo/state_tracking/).
+# The paper's associative-retrieval experiment (3-10 min on 2 CPU cores; results/demo/), then
+# parity with beta in (0, 1) vs (0, 2) (1-5 min; results/demo/state_tracking/); measured in
+# all: 4.5 min on an idle 2-core machine.
 # Budget and options: make demo DEMO_ARGS="--steps-scale 0.5 --jobs 1" (see run_demo.py --help),
 # STATE_DEMO_ARGS="--max-update 200" (examples/state_tracking/run_demo.py --help).
 DEMO_ARGS ?=

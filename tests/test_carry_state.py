@@ -307,15 +307,27 @@ def test_distributed_training_two_workers(data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("reset", [0, 2])
 def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
-    """examples/language_model/carry_state_drift.py: its whole-split loss is fairseq-eval-lm's
-    (also with the state reset every 2 segments: --reset-segments / --fwp-eval-reset-segments)."""
+    """experiments/carried_state/carry_state_drift.py: its whole-split loss is fairseq-eval-lm's
+    (also with the state reset every 2 segments: --reset-segments / --fwp-eval-reset-segments);
+    --json writes the same numbers per segment, and plot_drift.py draws them."""
     script = os.path.join(os.path.dirname(PKG), "experiments", "carried_state", "carry_state_drift.py")
     out = run("carry_state_drift.py", cmd=[sys.executable, script, str(checkpoint), "--data", str(data_dir),
                                            "--split", "test", "--tokens-per-sample", "16", "--bin-segments", "2",
-                                           "--reset-segments", str(reset), "--fold", "4"])
+                                           "--reset-segments", str(reset), "--fold", "4",
+                                           "--json", str(data_dir / f"drift{reset}.json")])
     m = re.search(r"whole split: ([0-9.]+) bits", out)
     assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
     assert "position     2-    3 of every 4 segments:" in out, out[-3000:]
+    import json
+    d = json.loads((data_dir / f"drift{reset}.json").read_text())  # --json: every segment's loss and |S|
+    assert len(d["bits"]) == len(d["tokens"]) == len(d["state_norm"]) > 1 and d["reset_segments"] == reset
+    assert all(len(n) == len(d["state_norm"][0]) > 0 for n in d["state_norm"])
+    whole = sum(b * t for b, t in zip(d["bits"], d["tokens"])) / sum(d["tokens"])
+    assert whole == pytest.approx(float(m.group(1)), abs=1e-4)
+    plot = os.path.join(os.path.dirname(script), "plot_drift.py")
+    run("plot_drift.py", cmd=[sys.executable, plot, str(data_dir / "drift.png"),
+                              f"carried={data_dir / f'drift{reset}.json'}", "--bin-segments", "2"])
+    assert (data_dir / "drift.png").stat().st_size > 0
     want = eval_cli(data_dir, checkpoint, 16, "--task", "fwp_stream_lm", "--fwp-carry-state",
                     "--fwp-eval-reset-segments", str(reset))
     assert float(m.group(1)) == pytest.approx(want, abs=1e-4)

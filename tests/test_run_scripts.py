@@ -126,6 +126,23 @@ def test_lm_recipe_trains_and_scores_every_row(tmp_path):
     assert table[2] == "| softmax | `--fwp-kernel softmax` | 1,234 | 7 | 0 min | 8.00 | 4.00 | 2.000 |"
 
 
+def test_lm_recipe_extension_rows(tmp_path):
+    """The Delta Net's extensions (gate, beta in (0, 2), one softmax layer in four): the Delta Net's
+    flags plus one each, trained and scored like the other rows."""
+    rows = {"deltanet_gated": "--fwp-gate scalar", "deltanet_beta2": "--fwp-beta-range double",
+            "deltanet_hybrid": "--fwp-softmax-layers 3",
+            "deltanet_gated_hybrid": "--fwp-gate scalar --fwp-softmax-layers 3"}
+    p, calls, out = run_recipe(tmp_path, LM_SCRIPT, *rows)
+    assert p.returncode == 0, p.stderr
+    assert [c[0] for c in calls] == ["fairseq-train", "fairseq-eval-lm", "fairseq-eval-lm"] * 4
+    for i, (row, extra) in enumerate(rows.items()):
+        train = joined(calls[3 * i])
+        assert flags_once(calls[3 * i]) and f" --fwp-kernel linear --fwp-update delta {extra} " in train
+        assert f"--save-dir {out}/{row}/checkpoints" in train
+    p, _, _ = run_recipe(tmp_path / "bad", LM_SCRIPT, "deltanet_typo")
+    assert p.returncode != 0 and "unknown row deltanet_typo" in p.stderr
+
+
 # row -> (model flags, training task flags)
 CARRY_ROWS = {
     "deltanet": ("--fwp-kernel linear --fwp-update delta", "--task language_modeling"),

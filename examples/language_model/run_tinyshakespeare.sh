@@ -7,7 +7,10 @@
 #   bash data-scripts/prepare-tinyshakespeare.sh --from /path/to/tinyshakespeare   # once
 #   MAX_UPDATE=2000 bash examples/language_model/run_tinyshakespeare.sh [ROW...]
 #
-# ROWs: softmax linear deltanet dpfp_delta (default: all four). Environment:
+# ROWs: softmax linear deltanet dpfp_delta (default: these four), and the Delta Net's extensions
+#   (not in the paper): deltanet_gated (--fwp-gate scalar), deltanet_beta2 (--fwp-beta-range
+#   double), deltanet_hybrid (softmax attention in the last of the 4 layers), deltanet_gated_hybrid
+#   (both). Environment:
 #   DATA (data-bin/tinyshakespeare)  OUT (results/tinyshakespeare)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per training sample)  DPFP_NU (1)  SEED (1)  THREADS (2)
 #   EXTRA_ARGS (appended to fairseq-train)
@@ -26,7 +29,12 @@ row_args() {
         linear) echo "--fwp-kernel linear --fwp-update sum" ;;
         deltanet) echo "--fwp-kernel linear --fwp-update delta" ;;
         dpfp_delta) echo "--fwp-kernel dpfp --fwp-dpfp-nu $DPFP_NU --fwp-update delta" ;;
-        *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta)" >&2; return 1 ;;
+        deltanet_gated) echo "--fwp-kernel linear --fwp-update delta --fwp-gate scalar" ;;
+        deltanet_beta2) echo "--fwp-kernel linear --fwp-update delta --fwp-beta-range double" ;;
+        # one softmax layer in four, the last of the block (as 3:1 hybrids such as Qwen3-Next place it)
+        deltanet_hybrid) echo "--fwp-kernel linear --fwp-update delta --fwp-softmax-layers 3" ;;
+        deltanet_gated_hybrid) echo "--fwp-kernel linear --fwp-update delta --fwp-gate scalar --fwp-softmax-layers 3" ;;
+        *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta deltanet_gated deltanet_beta2 deltanet_hybrid deltanet_gated_hybrid)" >&2; return 1 ;;
     esac
 }
 

@@ -3,7 +3,7 @@ each layer's carried fast weights (task fwp_stream_lm --fwp-carry-state, fwp_lm)
 
     python experiments/carried_state/carry_state_drift.py CHECKPOINT [--data data-bin/tinyshakespeare]
         [--split valid] [--streams 1] [--tokens-per-sample 256] [--bin-segments 20]
-        [--reset-segments 128] [--context-window 192] [--fold 32]
+        [--reset-segments 128] [--context-window 192] [--fold 32] [--json drift.json]
 
 Prints, for each bin of consecutive segments, the loss (bits per token) of the tokens in it, and
 the Frobenius norm of every layer's carried state S after 1, 2, 4, ... segments; the last line is
@@ -19,6 +19,9 @@ the two models of a pair can be compared bin by bin on the same text.
 --fold N also prints the loss by position within each period of N segments (position 0, 1,
 2-3, 4-7, ...): with N the reset period, what a carried state adds as it ages; the same N on the
 model without carried state gives the numbers to compare on the same characters.
+
+--json PATH writes the loss of every segment and, for carried checkpoints, every layer's |S|
+after every segment (plot_drift.py draws them by position).
 """
 import argparse
 import math
@@ -41,6 +44,7 @@ def main(argv=None):
                          "(default: 3/4 of --tokens-per-sample, as run_carry_state.sh)")
     ap.add_argument("--fold", type=int, default=0,
                     help="also print the loss by position within each period of N segments")
+    ap.add_argument("--json", default=None, help="write the loss (and |S|) of every segment here")
     args = ap.parse_args(argv)
     if args.fold < 0 or args.bin_segments < 1:
         raise SystemExit("--fold must be >= 0 and --bin-segments >= 1")
@@ -70,7 +74,7 @@ def main(argv=None):
     batches = task.eval_lm_dataloader(task.dataset(args.split), num_workers=0)
     pad = task.target_dictionary.pad()
 
-    segs, total, count, report = {}, 0.0, 0, 1
+    segs, norms_by_seg, total, count, report = {}, [], 0.0, 0, 1
     print(f"{args.split}: {args.streams} stream(s), {len(layers)} fast-weight layers")
     with torch.no_grad():
         for b, batch in enumerate(batches):
@@ -82,11 +86,28 @@ def main(argv=None):
             n = int(keep.sum())
             total, count = total + nll, count + n
             segs[b] = (nll, n)
+            norms_by_seg.append([layer._carried["eval"][0].norm().item() for layer in layers])
             if b + 1 == report:  # after 1, 2, 4, ... segments
                 report *= 2
-                norms = " ".join(f"{layer._carried['eval'][0].norm().item():9.2f}" for layer in layers)
+                norms = " ".join(f"{x:9.2f}" for x in norms_by_seg[-1])
                 print(f"after {b + 1:5d} segments: |S| per layer {norms}", flush=True)
     _report(segs, args.bin_segments, total, count, args.fold)
+    _write_json(args, segs, norms_by_seg)
+
+
+def _write_json(args, segs, norms_by_seg=None):
+    """--json: per segment, bits per token and tokens; per segment and layer, |S| (carried only)."""
+    if not args.json:
+        return
+    import json
+
+    rows = [segs[i] for i in sorted(segs)]
+    out = {"checkpoint": args.checkpoint, "split": args.split, "reset_segments": args.reset_segments,
+           "bits": [s / c / math.log(2) for s, c in rows], "tokens": [c for _, c in rows],
+           "state_norm": norms_by_seg}
+    with open(args.json, "w") as f:
+        json.dump(out, f)
+    print(f"wrote {args.json}")
 
 
 def _report(segs, bin_segments, total, count, fold=0):
@@ -160,6 +181,7 @@ def sliding_windows(model, task, args):
             nll[idx[:, context:]] = -lp.gather(-1, tgt[idx[:, context:]].unsqueeze(-1)).squeeze(-1)
     segs = {i: (chunk.sum().item(), len(chunk)) for i, chunk in enumerate(nll.split(seg))}
     _report(segs, args.bin_segments, nll.sum().item(), n, args.fold)
+    _write_json(args, segs)
 
 
 if __name__ == "__main__":
