@@ -2,6 +2,7 @@
 (S, z) of FastWeightAttention, fwp_lm's reset rules, evaluation independent of --tokens-per-sample,
 constant-size incremental state; slow: the CLIs (train + resume, eval-lm, generate, interactive)
 and distributed training with torchrun."""
+import json
 import os
 import random
 import re
@@ -318,7 +319,6 @@ def test_drift_script_matches_eval_lm(data_dir, checkpoint, reset):
     m = re.search(r"whole split: ([0-9.]+) bits", out)
     assert m and "|S| per layer" in out and "segments     0-    1:" in out, out[-3000:]
     assert "position     2-    3 of every 4 segments:" in out, out[-3000:]
-    import json
     d = json.loads((data_dir / f"drift{reset}.json").read_text())  # --json: every segment's loss and |S|
     assert len(d["bits"]) == len(d["tokens"]) == len(d["state_norm"]) > 1 and d["reset_segments"] == reset
     assert all(len(n) == len(d["state_norm"][0]) > 0 for n in d["state_norm"])

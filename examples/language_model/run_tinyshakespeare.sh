@@ -29,11 +29,12 @@ row_args() {
         linear) echo "--fwp-kernel linear --fwp-update sum" ;;
         deltanet) echo "--fwp-kernel linear --fwp-update delta" ;;
         dpfp_delta) echo "--fwp-kernel dpfp --fwp-dpfp-nu $DPFP_NU --fwp-update delta" ;;
-        deltanet_gated) echo "--fwp-kernel linear --fwp-update delta --fwp-gate scalar" ;;
-        deltanet_beta2) echo "--fwp-kernel linear --fwp-update delta --fwp-beta-range double" ;;
+        # the extensions: the deltanet row plus their flags
+        deltanet_gated) echo "$(row_args deltanet) --fwp-gate scalar" ;;
+        deltanet_beta2) echo "$(row_args deltanet) --fwp-beta-range double" ;;
         # one softmax layer in four, the last of the block (as 3:1 hybrids such as Qwen3-Next place it)
-        deltanet_hybrid) echo "--fwp-kernel linear --fwp-update delta --fwp-softmax-layers 3" ;;
-        deltanet_gated_hybrid) echo "--fwp-kernel linear --fwp-update delta --fwp-gate scalar --fwp-softmax-layers 3" ;;
+        deltanet_hybrid) echo "$(row_args deltanet) --fwp-softmax-layers 3" ;;
+        deltanet_gated_hybrid) echo "$(row_args deltanet_gated) --fwp-softmax-layers 3" ;;
         *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta deltanet_gated deltanet_beta2 deltanet_hybrid deltanet_gated_hybrid)" >&2; return 1 ;;
     esac
 }
