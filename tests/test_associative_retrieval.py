@@ -125,29 +125,31 @@ def test_sum_rule_fast_weight_and_attention_forms_agree(kernel):
     sample = _batch(task)
     torch.manual_seed(0)
     model = RetrievalModel.build_model(RetrievalModelConfig(fwp_kernel=kernel, fwp_performer_features=16), task)
-    model.eval()
+    model.double().eval()  # fp64: the two orders of the same sum agree to round-off, ~1e-15
     outs = []
     for form in ("fast_weight", "attention"):
         model.sum_form = form
         outs.append(model(**sample["net_input"]))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
 
 
 def test_gathered_projection_equals_linear_on_concatenation():
     task = _task(S=10)
     sample = _batch(task)
     model = RetrievalModel.build_model(RetrievalModelConfig(fwp_kernel="linear", fwp_update="delta"), task)
+    model.double()  # fp64: a gather-and-add and a product sum in different orders
     keys, values = sample["net_input"]["keys"], sample["net_input"]["values"]
-    x = torch.cat([torch.nn.functional.one_hot(values, 10).float(), model.embed_keys(keys)], -1)
+    x = torch.cat([torch.nn.functional.one_hot(values, 10).double(), model.embed_keys(keys)], -1)
     for lin in (model.key_proj, model.beta_proj):
-        torch.testing.assert_close(model._gather_linear(lin, model.embed_keys, values, keys, 10), lin(x))
+        torch.testing.assert_close(model._gather_linear(lin, model.embed_keys, values, keys, 10), lin(x),
+                                   rtol=1e-10, atol=1e-10)
 
 
 def test_delta_rule_model_matches_a_step_by_step_memory():
     """The model's delta-rule read equals W_t = W_{t-1} + beta_t (v_t - W_{t-1} phi_t) phi_t^T."""
     task = _task(S=6, setting=2, queries=4)
     sample = _batch(task, n=2)
-    model = RetrievalModel.build_model(RetrievalModelConfig(fwp_kernel="dpfp", fwp_update="delta"), task)
+    model = RetrievalModel.build_model(RetrievalModelConfig(fwp_kernel="dpfp", fwp_update="delta"), task).double()
     inp = sample["net_input"]
     out = model(**inp)
     keys, values, queries = inp["keys"], inp["values"], inp["queries"]
@@ -155,12 +157,12 @@ def test_delta_rule_model_matches_a_step_by_step_memory():
     beta = torch.sigmoid(model._gather_linear(model.beta_proj, model.embed_keys, values, keys, 6))[..., 0]
     q = model.query_proj(model.embed_keys(queries))
     pk, pq = model._phi(k), model._phi(q)
-    v = torch.nn.functional.one_hot(values, 6).float()
+    v = torch.nn.functional.one_hot(values, 6).double()  # fp64 throughout: an exactness check
     for b in range(2):
-        W = torch.zeros(6, pk.shape[-1])
+        W = torch.zeros(6, pk.shape[-1], dtype=torch.float64)
         for t in range(keys.shape[1]):
             W = W + beta[b, t] * torch.outer(v[b, t] - W @ pk[b, t], pk[b, t])
-        torch.testing.assert_close(out[b], pq[b] @ W.T, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[b], pq[b] @ W.T, rtol=1e-10, atol=1e-10)
 
 
 def test_half_mse_is_half_for_zero_output():
