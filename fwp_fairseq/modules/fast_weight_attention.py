@@ -29,7 +29,8 @@ from ..ops import UPDATES, FactoredState, fast_weight_delta, fast_weight_noncaus
 from .carried_state import CarriedState, CarriesState
 from .feature_maps import (FEATURE_MAPS, PHI_NORMS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
-from .gate import BETA_SCALE, ScalarGate, check_gate_options, decayed_cumsum
+from .gate import BETA_SCALE, ScalarGate, check_gate_options
+from .normaliser import key_sums
 from .precision import recurrence_dtype, to_accumulation
 
 
@@ -227,21 +228,17 @@ class FastWeightAttention(CarriesState, nn.Module):
     def _causal(self, q, query, k, v, incremental_state):
         memory = self._state_in(incremental_state, q.size(0))
         keep = incremental_state is not None or self.carry_state
-        z = None
+        z = z_before = None
         g = None if self.gate is None else self.gate(query)  # (B, H, T) log-decays
-        if self.attn_normalize and g is not None:  # z_t = a_t z_{t-1} + phi(k_t)
-            z = decayed_cumsum(to_accumulation(k), g, None if memory is None else memory.z)
-        elif self.attn_normalize:
-            z = to_accumulation(k).cumsum(2)  # z_t = z_{t-1} + phi(k_t)
-            if memory is not None and memory.z is not None:
-                z = z + memory.z
+        if self.attn_normalize:  # z_t = a_t z_{t-1} + phi(k_t), and a_t z_{t-1}
+            z, z_before = key_sums(to_accumulation(k), g, None if memory is None else memory.z)
         beta = None
         if self.update == "delta":
             beta = torch.sigmoid(self.beta_proj(query)).permute(1, 2, 0)  # (B, H, T)
             if self.beta_range != "unit":
                 beta = BETA_SCALE[self.beta_range] * beta
             if z is not None:
-                k, beta = self._normalised_delta_inputs(k, beta, z)
+                k, beta = self._normalised_delta_inputs(k, beta, z_before)
             beta = beta.to(q.dtype)
         step = incremental_state is not None and q.size(2) == 1
         out, memory = self._write_read(q, k, v, beta, g, memory, step, keep)
@@ -283,13 +280,13 @@ class FastWeightAttention(CarriesState, nn.Module):
         else:
             self._carried.store(self._carry_slot(), memory.as_matrix(), memory.z)
 
-    def _normalised_delta_inputs(self, k, beta, z):
+    def _normalised_delta_inputs(self, k, beta, z_prev):
         """The delta rule with v_bar_t = W_{t-1} phi(k_t) / (z_{t-1} . phi(k_t)) is the plain
         delta rule on k' = k / d_t, beta' = beta * d_t with d_t = z_{t-1} . phi(k_t), since
         beta' k' = beta k. Where nothing was written yet W_{t-1} = 0 and any d works: use 1.
-        With a gate z - phi(k_t) is a_t z_{t-1}, the normaliser of the decayed read a_t W_{t-1}."""
+        z_prev: key_sums' z_before, a_t z_{t-1} with a gate (the normaliser of the decayed read
+        a_t W_{t-1})."""
         kf = to_accumulation(k)
-        z_prev = z - kf
         d = (z_prev * kf).sum(-1)
         d = torch.where(z_prev.sum(-1) > 0, d.clamp_min(self.eps), torch.ones_like(d))
         return (kf / d[..., None]).to(k.dtype), to_accumulation(beta) * d

@@ -55,20 +55,22 @@ def decayed_cumsum(k, g, z0=None, chunk=64):
     """z_t = a_t z_{t-1} + k_t with a_t = exp(g_t): k (B, H, T, D), g (B, H, T), z0 (B, H, 1, D)
     or None (zero) -> z (B, H, T, D) in k's dtype. Within a chunk z_t = sum_s exp(G_t - G_s) k_s
     (G the cumulative sum of g) with G_t - G_s <= 0 for s <= t: no overflow; the chunk's last z
-    carries into the next chunk."""
+    carries into the next chunk. G is summed in fp64, as the ops sum the decays of S
+    (ops/_chunking.chunk_decay): a difference of two fp32 sums keeps only eps * |G| (after strong
+    decays 1e-4 of the factor), so S and z would decay differently."""
     B, H, T, D = k.shape
     out = []
     carry = z0
     for start in range(0, T, chunk):
-        kc, gc = k[:, :, start:start + chunk], g[:, :, start:start + chunk].to(k.dtype)
+        kc, gc = k[:, :, start:start + chunk], g[:, :, start:start + chunk].to(torch.float64)
         G = gc.cumsum(-1)
-        diff = G[..., :, None] - G[..., None, :]
+        diff = (G[..., :, None] - G[..., None, :]).to(k.dtype)
         n = G.size(-1)
         causal = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
         weights = torch.exp(diff.masked_fill(~causal, float("-inf")))
         zc = weights @ kc
         if carry is not None:
-            zc = zc + torch.exp(G)[..., None] * carry
+            zc = zc + torch.exp(G.to(k.dtype))[..., None] * carry
         out.append(zc)
         carry = zc[:, :, -1:]
     return torch.cat(out, dim=2)
