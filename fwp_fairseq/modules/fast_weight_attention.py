@@ -255,7 +255,7 @@ class FastWeightAttention(CarriesState, nn.Module):
             memory = (FactoredState() if memory is None else memory).append(k, v, beta)
             return memory.read(q), memory
         state0 = None if memory is None else memory.as_matrix()
-        gated = {} if g is None else {"g": g.to(q.dtype)}
+        gated = {} if g is None else {"g": g}  # fp32 log-decays, as z decays by (never rounded to q.dtype)
         if beta is None:
             out, state = fast_weight_sum(q, k, v, initial_state=state0, output_final_state=keep,
                                          impl=self.impl, **gated)
