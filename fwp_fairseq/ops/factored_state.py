@@ -3,7 +3,7 @@
 S = K^T U (B, H, d_dot, Dv) is the sum of what was written, one k_i u_i^T per step:
 - sum rule and non-causal (encoder-decoder) attention: u_i = v_i;
 - delta rule: u_t = beta_t (v_t - S_{t-1}^T k_t), so that S_t = S_{t-1} + k_t u_t^T exactly.
-While t (d_dot + Dv) < d_dot Dv (attention_order.keep_factored) the factors K (t x d_dot) and U
+While t (d_dot + Dv) < d_dot Dv (plan.keep_factored) the factors K (t x d_dot) and U
 (t x Dv) are stored and read as o = U^T (K q); past that they are folded once into S, so the memory
 stays bounded by S's size. z (B, H, 1, d_dot), the attention normaliser's running sum of keys, is
 carried along.
@@ -13,7 +13,7 @@ the batch first, which beam search reorders with index_select): to_buffer / from
 import torch
 
 from ._checks import _tensor, accumulation_dtype
-from .attention_order import keep_factored
+from .plan import keep_factored
 from .noncausal import masked_keys
 
 BUFFER_KEYS = ("fw_keys", "fw_values", "fw_state", "fw_z")

@@ -2,11 +2,11 @@
 all keys are written (sum rule) before any query reads, o_i = S^T q_i with S = sum_j k_j v_j^T.
 
 Two association orders give the same o: the state order q_i^T (K^T V) and the attention order
-(Q K^T) V, cheaper while the sequences are short against d_dot (attention_order.py has the rule)."""
+(Q K^T) V, cheaper while the sequences are short against d_dot (plan.py has the rule)."""
 import torch
 
 from ._checks import _tensor, accumulation_dtype
-from .attention_order import noncausal_order
+from .plan import noncausal_order
 
 
 def masked_keys(k, key_padding_mask=None):
@@ -62,7 +62,7 @@ def fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=Fal
     """Every query reads the state after all (unpadded) keys. Returns (o, state or None).
 
     order: "state", "quadratic" (the attention order; holds no state) or "auto", the cheaper
-    one by attention_order.noncausal_order (the state order when output_final_state)."""
+    one by plan.noncausal_order (the state order when output_final_state)."""
     _tensor("q", q, 4)
     if k.dim() == 4 and (q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]):
         raise ValueError(f"k: expected (B, H, Tk, Dk) matching q {tuple(q.shape)} in B, H, Dk, got {tuple(k.shape)}")

@@ -5,7 +5,7 @@
 
 U holds what the delta rule writes, u_t = beta_t (v_t - S_{t-1}^T k_t) with S_{t-1} = sum_{i<t}
 k_i u_i^T (delta_rule/chunked.py derives it; with no initial state the W S term vanishes), so the
-d_dot x Dv state is never formed. attention_order.py says when this is the cheaper order.
+d_dot x Dv state is never formed. plan.py says when this order runs.
 
 These are a handful of batched products: autograd's backward is exact and needs no hand-written
 counterpart (the products it runs are the transposes of the forward ones, T x T sized)."""
