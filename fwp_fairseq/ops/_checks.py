@@ -3,8 +3,17 @@ state every recurrence starts from."""
 import torch
 
 
-def accumulation_dtype(dtype):
-    """The state accumulates in fp64 for fp64 inputs, fp32 for everything else."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state accumulates in: fp64 for fp64 inputs, fp32 for everything else.
+
+    Args:
+        dtype: the inputs' dtype.
+    Returns:
+        torch.float64 or torch.float32.
+    Example:
+        >>> accumulation_dtype(torch.bfloat16)
+        torch.float32
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

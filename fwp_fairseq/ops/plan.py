@@ -162,6 +162,10 @@ def keep_factored(steps: int, Dk: int, Dv: int) -> bool:
     """Whether a decoding state written by `steps` keys is kept as its factors K (steps x Dk) and
     U (steps x Dv) rather than as S (Dk x Dv): while the factors are smaller.
 
+    Args:
+        steps: keys written so far. Dk, Dv: feature and value dimensions.
+    Returns:
+        True to keep the factors, False to fold them into S.
     Example:
         >>> keep_factored(51, 256, 64), keep_factored(52, 256, 64)
         (True, False)
