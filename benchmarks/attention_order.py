@@ -2,7 +2,7 @@
 
 1. the attention core, forward+backward: the state order (what runs now: noncausal.py's K^T V then
    Q S, the chunked sum and delta rules) against the attention order (Q K^T) V (noncausal.py,
-   quadratic.py), with attention_order.py's flop ratio and pick;
+   quadratic.py), with ops/plan.py's flop ratio and pick;
 2. one decoding step (beam reorder + write + read, no grad) with the state kept as its factors
    (K, U) against the d_dot x Dv matrix, at t = 1..96 steps written; and one encoder-decoder read;
 3. where the time of one FastWeightAttention layer goes, forward+backward: its pieces timed from
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_noncausal, fast_weight_sum  # noqa: E402
-from fwp_fairseq.ops.attention_order import causal_flops, keep_factored, noncausal_flops  # noqa: E402
+from fwp_fairseq.ops.plan import causal_flops, keep_factored, noncausal_flops  # noqa: E402
 from fwp_fairseq.ops.factored_state import FactoredState  # noqa: E402
 from fwp_fairseq.ops.quadratic import delta_rule_quadratic, sum_rule_quadratic  # noqa: E402
 
@@ -158,14 +158,14 @@ def state_order_forced():
     """The layer as it ran before the order was wired: the ops' order choice switched off (the
     causal rule's pick and fast_weight_noncausal's order), for the timing only."""
     from fwp_fairseq.modules import fast_weight_attention as fwa
-    from fwp_fairseq.ops import dispatch
-    saved = dispatch.causal_order, fwa.fast_weight_noncausal
-    dispatch.causal_order = lambda *args, **kw: "state"
+    from fwp_fairseq.ops import plan
+    saved = plan.causal_order, fwa.fast_weight_noncausal
+    plan.causal_order = lambda *args, **kw: "state"
     fwa.fast_weight_noncausal = lambda q, k, v: saved[1](q, k, v, order="state")
     try:
         yield
     finally:
-        dispatch.causal_order, fwa.fast_weight_noncausal = saved
+        plan.causal_order, fwa.fast_weight_noncausal = saved
 
 
 PIECES = ("projections", "feature map (q, k)", "attention normaliser", "core, state order",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from fwp_fairseq.ops.delta_rule.chunked import CHUNK  # noqa: E402
+from fwp_fairseq.ops._chunking import CHUNK  # noqa: E402
 
 
 def inputs(B, H, T, D, seed=0):

@@ -25,33 +25,34 @@ VOCAB = 16
 
 
 # -- ops ----------------------------------------------------------------------------------
-def make_inputs(B, H, T, Dk, Dv, dtype=torch.float64, seed=0, with_state=False, requires_grad=True):
+def make_inputs(B, H, T, Dk, Dv, dtype=torch.float64, seed=0, with_state=False, requires_grad=True,
+                positive=False, device="cpu"):
+    """[q, k, v, beta, state]: q, k (B, H, T, Dk) with features summing to 1, v (B, H, T, Dv)
+    N(0, 1), beta (B, H, T) U(0, 1), state (B, H, Dk, Dv) or None without with_state.
+    Features: softmax of N(0, 1) draws, or with positive=True (U(0, 1) + 0.1) / sum, as the
+    models feed them, with the state at 0.5 N(0, 1) (the CUDA tests; POSITIVE below)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    q = rnd(B, H, T, Dk).softmax(-1)
-    k = rnd(B, H, T, Dk).softmax(-1)
-    v = rnd(B, H, T, Dv)
+    def features():
+        if not positive:
+            return rnd(B, H, T, Dk).softmax(-1)
+        x = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
+        return x / x.sum(-1, keepdim=True)
+
+    q, k, v = features(), features(), rnd(B, H, T, Dv)
     beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
-    state = rnd(B, H, Dk, Dv) if with_state else None
+    state = (0.5 if positive else 1.0) * rnd(B, H, Dk, Dv) if with_state else None
     out = [q, k, v, beta, state]
-    out = [None if x is None else x.to(dtype).requires_grad_(requires_grad) for x in out]
-    return out
+    return [None if x is None else x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+            for x in out]
 
 
-def positive_inputs(B, H, T, Dk, Dv, dtype=torch.float32, device="cpu", seed=0):
-    """[q, k, v, beta, h0] with sum-normalised positive features, as the models feed them (the
-    CUDA tests' inputs: the delta rule stays stable in every dtype)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
-    k = torch.rand(B, H, T, Dk, generator=g, dtype=torch.float64) + 0.1
-    q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
-    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
-    beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
-    h0 = 0.5 * torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
-    return [x.to(device=device, dtype=dtype) for x in (q, k, v, beta, h0)]
+# make_inputs(..., **POSITIVE): the CUDA tests' inputs, [q, k, v, beta, h0] with positive
+# features (the delta rule stays stable in every dtype), no grad (loss_grads makes leaves).
+POSITIVE = dict(positive=True, with_state=True, requires_grad=False)
 
 
 def skewed_log_decay(B, H, T, dtype=torch.float32, device="cpu", seed=0, low=-5.0):
@@ -96,27 +97,13 @@ def log_decay(B, H, T, dtype=torch.float64, seed=1, requires_grad=True):
     return g.to(dtype).requires_grad_(requires_grad)
 
 
-def run_with_grads(fn, q, k, v, beta, state, impl, seed=123, log_g=None):
-    """Outputs, final state and the gradients of a random linear function of both (the
-    gradient w.r.t. the log-decays log_g last, when given)."""
-    args = (q, k, v) if beta is None else (q, k, v, beta)
-    gated = {} if log_g is None else {"g": log_g}
-    o, S = fn(*args, initial_state=state, output_final_state=True, impl=impl, **gated)
-    g = torch.Generator().manual_seed(seed)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    ws = torch.randn(S.shape, generator=g, dtype=torch.float64).to(S.dtype)
-    inputs = [x for x in (*args, state, log_g) if x is not None]
-    grads = torch.autograd.grad((o * wo).sum() + (S * ws).sum(), inputs)
-    return [o, S, *grads]
-
-
-INPUT_NAMES = ("q", "k", "v", "beta", "h0")
+INPUT_NAMES = ("q", "k", "v", "beta", "h0", "g")
 
 
 def loss_grads(fn, inputs, seed=1):
-    """{"o", "final", and each of INPUT_NAMES that got a gradient} of fn(q, k, v, beta, h0) ->
-    (o, final state) on fresh leaf copies of inputs (None stays None): the outputs, and the
-    gradients of a fixed random linear loss on both. Works on any device (the CUDA tests)."""
+    """{"o", "final", and each of INPUT_NAMES that got a gradient} of fn(*inputs) -> (o, final
+    state), called on fresh leaf copies of inputs (q, k, v, beta, h0[, g]; None stays None): the
+    outputs, and the gradients of a fixed random linear loss on both. Works on any device."""
     xs = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
     o, ht = fn(*xs)
     g = torch.Generator().manual_seed(seed)
@@ -126,6 +113,20 @@ def loss_grads(fn, inputs, seed=1):
     out = {"o": o.detach(), "final": ht.detach()}
     out.update((n, x.grad) for n, x in zip(INPUT_NAMES, xs) if x is not None and x.grad is not None)
     return out
+
+
+def run_with_grads(fn, q, k, v, beta, state, impl, seed=123, log_g=None):
+    """loss_grads of an op (fast_weight_sum, beta None; fast_weight_delta) with impl and the
+    optional log-decays log_g, as a list: [o, final state, the gradient of each given input
+    in the order q, k, v, beta, state, log_g] (a given input without a gradient is an error)."""
+    def call(q, k, v, beta, state, log_g):
+        args = (q, k, v) if beta is None else (q, k, v, beta)
+        gated = {} if log_g is None else {"g": log_g}
+        return fn(*args, initial_state=state, output_final_state=True, impl=impl, **gated)
+
+    inputs = [q, k, v, beta, state, log_g]
+    out = loss_grads(call, inputs, seed)
+    return [out["o"], out["final"], *(out[n] for n, x in zip(INPUT_NAMES, inputs) if x is not None)]
 
 
 # -- attention layer ---------------------------------------------------------------------
@@ -352,7 +353,7 @@ def assert_no_grad_forward_stores_nothing(fwd, shape, dtype, tol):
     """fwd(q, k, v, beta, h0) -> (o, final state), called under no_grad: it must store no final
     state (None) and its o must match the fp64 delta-rule reference."""
     from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
-    q, k, v, beta, h0 = positive_inputs(*shape, dtype)
+    q, k, v, beta, h0 = make_inputs(*shape, dtype, **POSITIVE)
     with torch.no_grad():
         o, ht = fwd(q, k, v, beta, h0)
     assert ht is None

@@ -14,8 +14,8 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import (KernelLib, assert_bit_reproducible, assert_no_grad_forward_stores_nothing,
-                     assert_rel_close, build_kernel_emulator, gated_reference, positive_inputs,
+from helpers import (POSITIVE, KernelLib, assert_bit_reproducible, assert_no_grad_forward_stores_nothing,
+                     assert_rel_close, build_kernel_emulator, gated_reference, make_inputs,
                      skewed_log_decay)
 
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
@@ -112,7 +112,7 @@ SHAPES = [
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, delta):
-    inputs = positive_inputs(*shape, torch.float64)
+    inputs = make_inputs(*shape, torch.float64, **POSITIVE)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta)
     o_r, ht_r, grads_r = _run(_ref_fn(delta), inputs, delta)
     assert_rel_close(o, o_r, 1e-10)
@@ -124,7 +124,7 @@ def test_emulated_kernels_match_reference_fp64(emu, short_checkpoints, shape, de
 
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delta):
-    inputs = positive_inputs(1, 1, 40, 64, 32, torch.float32, seed=3)
+    inputs = make_inputs(1, 1, 40, 64, 32, torch.float32, seed=3, **POSITIVE)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0=False)
     ref_inputs = [x.double() for x in inputs]
     o_r, ht_r, grads_r = _run(_ref_fn(delta), ref_inputs, delta, with_h0=False)
@@ -137,7 +137,7 @@ def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delt
 
 @pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
 def test_emulated_kernels_are_bit_reproducible(emu, short_checkpoints, gated):
-    inputs = positive_inputs(1, 1, 19, 16, 16, torch.float32, seed=5)
+    inputs = make_inputs(1, 1, 19, 16, 16, torch.float32, seed=5, **POSITIVE)
     inputs += [skewed_log_decay(1, 1, 19)] if gated else []
     assert_bit_reproducible(lambda: _run(_emu_fn(emu, True), inputs, True))
 
@@ -149,7 +149,7 @@ def test_emulated_forward_without_grad_stores_nothing(emu):
 
 def test_bad_checkpoint_interval_is_reported(emu, monkeypatch):
     monkeypatch.setattr(cuda_backend, "CK_EVERY", 12)
-    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
+    q, k, v, beta, h0 = make_inputs(1, 1, 7, 8, 8, torch.float32, **POSITIVE)
     with pytest.raises(RuntimeError, match="ck_every"):
         cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
 
@@ -163,7 +163,7 @@ def _gated_ref_fn(delta):
 
 
 def _check_gated(emu, shape, delta, dtype, tol, with_h0=True, seed=0):
-    inputs = positive_inputs(*shape, dtype, seed=seed) + [skewed_log_decay(*shape[:3], dtype, seed=seed)]
+    inputs = make_inputs(*shape, dtype, seed=seed, **POSITIVE) + [skewed_log_decay(*shape[:3], dtype, seed=seed)]
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0)
     o_r, ht_r, grads_r = _run(_gated_ref_fn(delta), [x.double() for x in inputs], delta, with_h0)
     assert o.dtype == dtype and ht.dtype == dtype
@@ -193,7 +193,7 @@ def test_emulated_gate_many_restarts_and_wide_rows(emu, short_checkpoints, delta
 
 
 def test_emulated_gate_of_zero_is_the_ungated_rule(emu):
-    inputs = positive_inputs(1, 1, 30, 16, 16, torch.float64, seed=6)
+    inputs = make_inputs(1, 1, 30, 16, 16, torch.float64, seed=6, **POSITIVE)
     o, ht, grads = _run(_emu_fn(emu, True), inputs + [torch.zeros(1, 1, 30, dtype=torch.float64)],
                         True)
     o_u, ht_u, grads_u = _run(_emu_fn(emu, True), inputs, True)
@@ -204,6 +204,6 @@ def test_emulated_gate_of_zero_is_the_ungated_rule(emu):
 
 
 def test_bad_gate_shape_is_refused(emu):
-    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 8, 8, torch.float32)
+    q, k, v, beta, h0 = make_inputs(1, 1, 7, 8, 8, torch.float32, **POSITIVE)
     with pytest.raises(ValueError, match="g must have shape"):
         cuda_backend._apply(emu, q, k, v, beta, h0, False, True, torch.zeros(1, 1, 6))

@@ -15,9 +15,9 @@ from fwp_fairseq.ops import cuda_chunk
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import (CHUNK_HALF_TOL, KernelLib, assert_bit_reproducible,
+from helpers import (CHUNK_HALF_TOL, POSITIVE, KernelLib, assert_bit_reproducible,
                      assert_no_grad_forward_stores_nothing, assert_rel_close,
-                     build_kernel_emulator, positive_inputs, rel_rms)
+                     build_kernel_emulator, make_inputs, rel_rms)
 
 KERNELS = ("chunk_fwd.cu", "chunk_bwd.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fwp_mma.cuh",
@@ -90,7 +90,7 @@ def _ref_fn(delta):
 
 
 def _check(emu, shape, delta, dtype=torch.float64, tol=1e-9, with_h0=True, seed=0):
-    inputs = positive_inputs(*shape, dtype, seed=seed)
+    inputs = make_inputs(*shape, dtype, seed=seed, **POSITIVE)
     o, ht, grads = _run(_emu_fn(emu, delta), inputs, delta, with_h0)
     o_r, ht_r, grads_r = _run(_ref_fn(delta), [x.double() for x in inputs], delta, with_h0)
     assert o.dtype == dtype and o.shape == o_r.shape and ht.shape == ht_r.shape
@@ -127,7 +127,7 @@ def test_chunk_kernels_long_sequence_fp32_without_initial_state(emu, delta):
 def test_chunk_kernels_half_inputs_round_like_the_gpu(emu, dtype, delta):
     """fp16/bf16 inputs: outputs and every gradient within the GPU tests' relative RMS error of
     the fp64 reference on the same rounded inputs."""
-    inputs = positive_inputs(1, 2, 150, 64, 32, dtype, seed=7)
+    inputs = make_inputs(1, 2, 150, 64, 32, dtype, seed=7, **POSITIVE)
     got = _run(_emu_fn(emu, delta), inputs, delta)
     want = _run(_ref_fn(delta), [x.double() for x in inputs], delta)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
@@ -139,7 +139,7 @@ def test_chunk_kernels_half_inputs_round_like_the_gpu(emu, dtype, delta):
 
 
 def test_chunk_kernels_are_bit_reproducible(emu):
-    inputs = positive_inputs(1, 2, 70, 32, 48, torch.float32, seed=5)
+    inputs = make_inputs(1, 2, 70, 32, 48, torch.float32, seed=5, **POSITIVE)
     assert_bit_reproducible(lambda: _run(_emu_fn(emu, True), inputs, True))
 
 
@@ -151,7 +151,7 @@ def test_chunk_forward_without_grad_stores_nothing(emu):
 def test_chunk_sizes_are_reported(emu):
     assert emu.chunk_len(64) == 64 and emu.chunk_len(128) == 32 and emu.chunk_len(256) == 32
     assert emu.chunk_value_tile(16) == 16 and emu.chunk_value_tile(128) == 32
-    q, k, v, beta, h0 = positive_inputs(1, 1, 5, 16, 16, torch.float64)
+    q, k, v, beta, h0 = make_inputs(1, 1, 5, 16, 16, torch.float64, **POSITIVE)
     # 24 is no kernel key size: only the Python side pads
     err = emu.lib.fwp_chunk_forward(3, 0, *[None] * 9, 1, 5, 24, 16, None)
     assert b"Dk must be" in err

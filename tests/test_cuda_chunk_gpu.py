@@ -9,7 +9,7 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.chunked import delta_rule_chunked
 from fwp_fairseq.ops.sum_rule.chunked import sum_rule_chunked
 
-from helpers import CHUNK_HALF_TOL, positive_inputs, rel_rms
+from helpers import CHUNK_HALF_TOL, POSITIVE, make_inputs, rel_rms
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 DELTA = pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
@@ -41,7 +41,7 @@ def _run(fn, inputs, with_h0=True):
 
 
 def _check(shape, dtype, delta, device, with_h0=True, seed=0):
-    inputs = positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
+    inputs = make_inputs(*shape, dtype=dtype, device=device, seed=seed, **POSITIVE)
     got = _run(_chunk(delta), inputs, with_h0)
     want = _run(_ref(delta), [x.double() for x in inputs], with_h0)
     assert got["o"].dtype == dtype and got["final"].dtype == torch.float32
@@ -68,7 +68,7 @@ def test_chunk_kernel_head_sizes(cuda, Dk, Dv, dtype, delta):
 
 @pytest.mark.gpu
 def test_chunk_kernel_reruns_are_bit_identical(cuda):
-    inputs = positive_inputs(2, 4, 700, 128, 64, dtype=torch.bfloat16, device=cuda, seed=6)
+    inputs = make_inputs(2, 4, 700, 128, 64, dtype=torch.bfloat16, device=cuda, seed=6, **POSITIVE)
     for delta in (True, False):
         a, b = _run(_chunk(delta), inputs), _run(_chunk(delta), inputs)
         for name in a:
@@ -77,7 +77,7 @@ def test_chunk_kernel_reruns_are_bit_identical(cuda):
 
 @pytest.mark.gpu
 def test_chunk_kernel_refuses_what_it_does_not_take(cuda):
-    q, k, v, beta, h0 = positive_inputs(1, 1, 8, 16, 16, dtype=torch.bfloat16, device=cuda)
+    q, k, v, beta, h0 = make_inputs(1, 1, 8, 16, 16, dtype=torch.bfloat16, device=cuda, **POSITIVE)
     with pytest.raises(ValueError, match="forget gate"):
         cuda_backend.delta_rule_cuda(q, k, v, beta, g=torch.zeros(1, 1, 8, device=cuda), kernel="chunk")
     with pytest.raises(ValueError, match="dtype"):

@@ -1,10 +1,17 @@
-"""The table-driven impl="auto" rule (fwp_fairseq/ops/auto_rule.py): its mechanism, not its
-placeholder values."""
+"""The table-driven impl="auto" rule on a GPU (fwp_fairseq/ops/plan.py): its mechanism, not its
+placeholder values. A GPU with the extension is faked (Call(device="cuda", kernels=True))."""
 import pytest
 import torch
 
-from fwp_fairseq.ops import auto_rule
-from fwp_fairseq.ops.auto_rule import Row, choose, choose_for
+from fwp_fairseq.ops import plan
+from fwp_fairseq.ops.plan import Call, Row, decide, describe
+
+
+def choose(dtype, Dk, Dv, T, gated, table=plan.TABLE, rule="sum"):
+    """The implementation impl="auto" takes for a stateful call (so the attention order never
+    competes) on a GPU where the CUDA extension is available."""
+    call = Call(rule, T, Dk, Dv, dtype, "cuda", kernels=True, gated=gated, initial_state=True)
+    return decide(call, "auto", table).impl
 
 
 def test_first_matching_row_wins_and_nothing_matching_is_chunked():
@@ -19,21 +26,25 @@ def test_first_matching_row_wins_and_nothing_matching_is_chunked():
 
 
 def test_default_table_respects_the_kernels_limits():
-    for row in (*auto_rule.TABLE, auto_rule.CHUNK_ROW):
-        assert row.impl in auto_rule.IMPLS
+    for row in (*plan.TABLE, plan.CHUNK_ROW):
+        assert row.impl in plan.IMPLEMENTATIONS
         if row.impl == "cuda-chunk":  # the chunk kernels: fp16/bf16, no gate, Dk <= 256, Dv <= 128
             assert set(row.dtypes) <= {torch.float16, torch.bfloat16}
             assert row.max_dk <= 256 and row.max_dv <= 128 and not row.gated_ok
-    assert choose(torch.float32, 64, 64, 4096, True) == "cuda"
-    assert choose(torch.bfloat16, 64, 64, 4096, True) == "cuda"  # gated: sequential kernel
-    assert choose(torch.bfloat16, 1024, 64, 4096, False) == "chunked"
-    assert auto_rule.CHUNK_ROW not in auto_rule.TABLE  # not chosen before a GPU run measured it
+    for rule in ("sum", "delta"):
+        assert choose(torch.float32, 64, 64, 4096, True, rule=rule) == "cuda"
+        assert choose(torch.bfloat16, 64, 64, 4096, True, rule=rule) == "cuda"  # gated: sequential kernel
+        assert choose(torch.bfloat16, 1024, 64, 4096, False, rule=rule) == "chunked"
+    assert plan.CHUNK_ROW not in plan.TABLE  # not chosen before a GPU run measured it
 
 
-def test_choose_for_reads_the_tensors():
+def test_describe_reads_the_tensors():
     q = torch.zeros(2, 3, 1000, 64, dtype=torch.bfloat16)
-    assert choose_for(q, q) == choose(torch.bfloat16, 64, 64, 1000, False)
-    assert choose_for(q, q, g=torch.zeros(2, 3, 1000)) == choose(torch.bfloat16, 64, 64, 1000, True)
+    v = torch.zeros(2, 3, 1000, 32, dtype=torch.bfloat16)
+    assert describe("sum", q, v) == Call("sum", 1000, 64, 32, torch.bfloat16, "cpu", False)
+    assert describe("delta", q, v, torch.zeros(2, 3, 64, 32), True, g=torch.zeros(2, 3, 1000)) == Call(
+        "delta", 1000, 64, 32, torch.bfloat16, "cpu", False, gated=True, initial_state=True,
+        output_final_state=True)
 
 
 def test_unknown_implementation_in_a_table_is_an_error():

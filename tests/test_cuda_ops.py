@@ -7,7 +7,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
 
-from helpers import gated_reference, positive_inputs, skewed_log_decay
+from helpers import POSITIVE, gated_reference, make_inputs, skewed_log_decay
 
 
 def _call(delta, impl, q, k, v, beta, h0, final=True):
@@ -56,7 +56,7 @@ def test_available_never_raises_and_gives_a_reason():
 
 
 def test_impl_cuda_on_cpu_tensors_raises_clearly():
-    q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
+    q, k, v, beta, h0 = make_inputs(1, 1, 4, 8, 8, torch.float32, **POSITIVE)
     with pytest.raises(ValueError, match="CUDA tensors"):
         fast_weight_delta(q, k, v, beta, impl="cuda")
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -66,7 +66,7 @@ def test_impl_cuda_on_cpu_tensors_raises_clearly():
 
 
 def test_unknown_kernel_is_refused_before_anything_runs():
-    q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
+    q, k, v, beta, h0 = make_inputs(1, 1, 4, 8, 8, torch.float32, **POSITIVE)
     with pytest.raises(ValueError, match="kernel"):
         cuda_backend.delta_rule_cuda(q, k, v, beta, kernel="tiles")
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -74,7 +74,7 @@ def test_unknown_kernel_is_refused_before_anything_runs():
 
 
 def test_auto_on_cpu_does_not_need_cuda():
-    q, k, v, beta, h0 = positive_inputs(1, 1, 4, 8, 8)
+    q, k, v, beta, h0 = make_inputs(1, 1, 4, 8, 8, torch.float32, **POSITIVE)
     o, _ = fast_weight_delta(q, k, v, beta, impl="auto")
     assert o.shape == v.shape
 
@@ -105,8 +105,8 @@ def _impl(delta, impl, gated):
 
 
 def _inputs(shape, dtype, device, gated, seed=0):
-    """positive_inputs, and for the gated rule a log-decay g down to -5 after them."""
-    xs = positive_inputs(*shape, dtype=dtype, device=device, seed=seed)
+    """make_inputs(**POSITIVE), and for the gated rule a log-decay g down to -5 after them."""
+    xs = make_inputs(*shape, dtype=dtype, device=device, seed=seed, **POSITIVE)
     return xs + [skewed_log_decay(*shape[:3], dtype=dtype, device=device, seed=seed)] if gated else xs
 
 
@@ -172,7 +172,7 @@ def test_half_precision_long_sequence(cuda, dtype, delta, gated):
 @pytest.mark.gpu
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_state_carry_equals_one_pass(cuda, delta):
-    q, k, v, beta, h0 = positive_inputs(2, 2, 200, 64, 32, device=cuda, seed=4)
+    q, k, v, beta, h0 = make_inputs(2, 2, 200, 64, 32, torch.float32, device=cuda, seed=4, **POSITIVE)
     o, ht = _call(delta, "cuda", q, k, v, beta, h0)
     cut = 77
     o1, h1 = _call(delta, "cuda", q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], beta[:, :, :cut], h0)
@@ -195,7 +195,7 @@ def test_reruns_are_bit_identical(cuda, dtype, gated):
 
 @pytest.mark.gpu
 def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
-    q, k, v, beta, h0 = positive_inputs(2, 3, 50, 32, 32, device=cuda)
+    q, k, v, beta, h0 = make_inputs(2, 3, 50, 32, 32, torch.float32, device=cuda, **POSITIVE)
     o_cuda, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
     o_auto, _ = fast_weight_delta(q, k, v, beta, h0, impl="auto")
     assert _rel_max(o_auto, o_cuda) < 1e-5
@@ -206,7 +206,7 @@ def test_auto_agrees_and_noncontiguous_inputs_work(cuda):
 
 @pytest.mark.gpu
 def test_gradient_to_some_inputs_only(cuda):
-    q, k, v, beta, h0 = positive_inputs(1, 2, 40, 16, 16, device=cuda)
+    q, k, v, beta, h0 = make_inputs(1, 2, 40, 16, 16, torch.float32, device=cuda, **POSITIVE)
     v.requires_grad_(True)
     o, _ = fast_weight_delta(q, k, v, beta, h0, impl="cuda")
     o.sum().backward()
@@ -219,7 +219,7 @@ def test_gradient_to_some_inputs_only(cuda):
 
 @pytest.mark.gpu
 def test_too_large_dims_raise(cuda):
-    q, k, v, beta, _ = positive_inputs(1, 1, 4, 520, 8, device=cuda)
+    q, k, v, beta, _ = make_inputs(1, 1, 4, 520, 8, torch.float32, device=cuda, **POSITIVE)
     with pytest.raises(ValueError, match="512"):
         fast_weight_delta(q, k, v, beta, impl="cuda")
 
@@ -227,7 +227,7 @@ def test_too_large_dims_raise(cuda):
 @pytest.mark.gpu
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
 def test_zero_gate_is_the_ungated_kernel(cuda, delta):
-    inputs = positive_inputs(1, 2, 300, 32, 48, device=cuda, seed=3)
+    inputs = make_inputs(1, 2, 300, 32, 48, torch.float32, device=cuda, seed=3, **POSITIVE)
     got = _run(delta, _gated(delta, "cuda"), inputs + [torch.zeros(1, 2, 300, device=cuda)])
     want = _run(delta, "cuda", inputs)
     for name, a, b in zip(_names(delta), got, want):

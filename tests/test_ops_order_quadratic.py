@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_noncausal, fast_weight_sum
-from fwp_fairseq.ops.attention_order import (causal_flops, causal_order, keep_factored,
-                                             noncausal_flops, noncausal_order)
+from fwp_fairseq.ops.plan import causal_flops, causal_order, keep_factored, noncausal_flops, noncausal_order
 from fwp_fairseq.ops.quadratic import delta_rule_quadratic, sum_rule_quadratic
 
 from helpers import make_inputs, rel_err

@@ -9,7 +9,7 @@ Three uses (arXiv 2102.11174, sections 2-4):
 There is no attention matrix, so attention dropout, attn_mask (causality is structural) and
 need_weights do not apply; the returned weights are always None.
 
-Short sequences run in the cheaper association order, chosen by the ops (attention_order.py).
+Short sequences run in the cheaper association order, chosen by the ops (ops/plan.py).
 The causal recurrence continues from a prior state (S, z) when there is one: in incremental
 decoding, fairseq's incremental state holds an ops FactoredState (S as the written keys and
 values while smaller than S, then S; z with the attention normaliser); with set_carry_state (task

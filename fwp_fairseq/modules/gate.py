@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._chunking import CHUNK
 from .precision import to_accumulation
 
 GATES = ("none", "scalar")
@@ -51,7 +52,7 @@ class ScalarGate(nn.Module):
         return (-torch.exp(self.a_log.to(w.dtype)) * dt).permute(1, 2, 0)
 
 
-def decayed_cumsum(k, g, z0=None, chunk=64):
+def decayed_cumsum(k, g, z0=None, chunk=CHUNK):
     """z_t = a_t z_{t-1} + k_t with a_t = exp(g_t): k (B, H, T, D), g (B, H, T), z0 (B, H, 1, D)
     or None (zero) -> z (B, H, T, D) in k's dtype. Within a chunk z_t = sum_s exp(G_t - G_s) k_s
     (G the cumulative sum of g) with G_t - G_s <= 0 for s <= t: no overflow; the chunk's last z

@@ -1,24 +1,25 @@
 """The math core of fwp_fairseq: fast-weight recurrences in plain PyTorch (no fairseq import).
 
-    fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto")
-    fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto")
+    fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto", g=None)
+    fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto", g=None)
     fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False, order="auto")
     FactoredState: a decoding state kept as its written keys and values while smaller than S
 
-q, k: (B, H, T, Dk) already feature-mapped; v: (B, H, T, Dv); beta: (B, H, T);
+q, k: (B, H, T, Dk) already feature-mapped; v: (B, H, T, Dv); beta, g: (B, H, T);
 state: (B, H, Dk, Dv). Each returns (o, final_state); final_state is None unless asked for.
-With impl="auto", a causal call with no state in or out runs in the attention order
-(sum_rule_quadratic, delta_rule_quadratic) when causal_order finds it cheaper; non-causal
-attention picks its order by noncausal_order; FactoredState folds by keep_factored.
+plan.py decides how a call runs: with impl="auto" the order (the state order, or the attention
+order sum_rule_quadratic / delta_rule_quadratic when no state goes in or out) and the
+implementation; non-causal attention picks its order by noncausal_order; FactoredState folds
+by keep_factored.
 
-UPDATES names the update rules (one op each), IMPLS the implementations `impl` picks from;
+UPDATES names the update rules (one op each), IMPLS the values of `impl`;
 accumulation_dtype(dtype) is the dtype the state accumulates in.
 """
-from ._checks import IMPLS, accumulation_dtype
-from .attention_order import causal_order, keep_factored, noncausal_order
+from ._checks import accumulation_dtype
 from .dispatch import cuda_available, fast_weight_delta, fast_weight_sum
 from .factored_state import FactoredState
 from .noncausal import fast_weight_noncausal, fast_weight_read, fast_weight_state
+from .plan import IMPLS, causal_order, keep_factored, noncausal_order
 from .quadratic import delta_rule_quadratic, sum_rule_quadratic
 
 UPDATES = ("sum", "delta")  # fast_weight_sum, fast_weight_delta

@@ -2,11 +2,18 @@
 state every recurrence starts from."""
 import torch
 
-IMPLS = ("auto", "reference", "chunked", "cuda")
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state accumulates in: fp64 for fp64 inputs, fp32 for everything else.
 
-def accumulation_dtype(dtype):
-    """The state accumulates in fp64 for fp64 inputs, fp32 for everything else."""
+    Args:
+        dtype: the inputs' dtype.
+    Returns:
+        torch.float64 or torch.float32.
+    Example:
+        >>> accumulation_dtype(torch.bfloat16)
+        torch.float32
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -43,11 +50,9 @@ def _check_log_decay(g, B, H, T):
                          f"got values in [{g.min().item()}, {g.max().item()}]")
 
 
-def check_causal_inputs(q, k, v, beta=None, initial_state=None, impl="auto", with_beta=False, g=None):
+def check_causal_inputs(q, k, v, beta=None, initial_state=None, with_beta=False, g=None):
     """Check the shapes of q, k: (B, H, T, Dk), v: (B, H, T, Dv), beta: (B, H, T),
     initial_state: (B, H, Dk, Dv), g: (B, H, T) or None. Returns (B, H, T, Dk, Dv)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+# The chunk size of the PyTorch chunk forms (sum_rule/chunked.py, delta_rule/chunked.py), which
+# the flop count of plan.py assumes, and of the gated normaliser (modules/gate.decayed_cumsum).
+CHUNK = 64
+
+
 def pick_chunk_size(T, preferred):
     """Short sequences are one chunk (no padding); longer ones use the preferred size."""
     return T if T <= preferred else preferred

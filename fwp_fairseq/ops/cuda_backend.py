@@ -101,8 +101,8 @@ def supports(q, v):
 
 
 def _flat(x, dtype=None):
-    """x with (B, H) merged into one leading dim, contiguous and 16-byte aligned (the kernels
-    read 16-byte pieces)."""
+    """x with (B, H) merged into one leading dim, optionally cast, contiguous and 16-byte
+    aligned (the kernels read 16-byte pieces). Shared with cuda_chunk.py."""
     x = x.reshape(-1, *x.shape[2:])
     if dtype is not None:
         x = x.to(dtype)
@@ -113,6 +113,7 @@ def _flat(x, dtype=None):
 
 
 def _stream(x):
+    """The current CUDA stream of x's device, 0 (none) for CPU tensors (the emulator)."""
     return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 

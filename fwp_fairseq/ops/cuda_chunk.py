@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._checks import accumulation_dtype
+from .cuda_backend import _flat, _stream
 
 KEY_SIZES = (16, 32, 64, 128, 256)
 MAX_DV = 128
@@ -33,17 +34,6 @@ def supports(q, v, g=None):
     if Dk > KEY_SIZES[-1] or Dv > MAX_DV:
         return False, f"needs Dk <= {KEY_SIZES[-1]} and Dv <= {MAX_DV}, got Dk={Dk}, Dv={Dv}"
     return True, "ok"
-
-
-def _flat(x, dtype=None):
-    """(B, H, ...) -> (B*H, ...), contiguous, 16-byte aligned, optionally cast."""
-    x = x.reshape(-1, *x.shape[2:])
-    x = (x if dtype is None else x.to(dtype)).contiguous()
-    return x if x.data_ptr() % 16 == 0 else x.clone()
-
-
-def _stream(x):
-    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
 class _Chunked(torch.autograd.Function):

@@ -3,27 +3,41 @@
 S = K^T U (B, H, d_dot, Dv) is the sum of what was written, one k_i u_i^T per step:
 - sum rule and non-causal (encoder-decoder) attention: u_i = v_i;
 - delta rule: u_t = beta_t (v_t - S_{t-1}^T k_t), so that S_t = S_{t-1} + k_t u_t^T exactly.
-While t (d_dot + Dv) < d_dot Dv (attention_order.keep_factored) the factors K (t x d_dot) and U
+While t (d_dot + Dv) < d_dot Dv (plan.keep_factored) the factors K (t x d_dot) and U
 (t x Dv) are stored and read as o = U^T (K q); past that they are folded once into S, so the memory
 stays bounded by S's size. z (B, H, 1, d_dot), the attention normaliser's running sum of keys, is
 carried along.
 
 A FactoredState round-trips through fairseq's incremental-state buffer (a dict of tensors with
 the batch first, which beam search reorders with index_select): to_buffer / from_buffer."""
+from typing import Dict, Optional
+
 import torch
 
 from ._checks import _tensor, accumulation_dtype
-from .attention_order import keep_factored
+from .plan import keep_factored
 from .noncausal import masked_keys
 
 BUFFER_KEYS = ("fw_keys", "fw_values", "fw_state", "fw_z")
 
 
 class FactoredState:
-    """keys (B, H, t, d_dot) and values (B, H, t, Dv), or matrix (B, H, d_dot, Dv); z or None.
-    All in the accumulation dtype (fp32 for half inputs, as the ops keep their state)."""
+    """One layer's fast weight while decoding, S = K^T U, kept as its factors while smaller.
 
-    def __init__(self, keys=None, values=None, matrix=None, z=None):
+    Args:
+        keys: K (B, H, t, d_dot) and values: U (B, H, t, Dv), the t writes so far; or
+        matrix: S (B, H, d_dot, Dv) once folded (never both forms).
+        z: (B, H, 1, d_dot), the attention normaliser's running sum of keys, or None.
+        All in the accumulation dtype (fp32 for half inputs, as the ops keep their state).
+    Example:
+        >>> s = FactoredState()
+        >>> for t in range(3):  # the delta rule, one step at a time
+        ...     s = s.append(torch.rand(2, 4, 1, 16), torch.randn(2, 4, 1, 32), beta=torch.rand(2, 4, 1))
+        >>> o = s.read(torch.rand(2, 4, 1, 16))  # (2, 4, 1, 32); s.steps == 3 while factored
+    """
+
+    def __init__(self, keys: Optional[torch.Tensor] = None, values: Optional[torch.Tensor] = None,
+                 matrix: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None):
         if (keys is None) != (values is None):
             raise ValueError("keys, values: give both factors or neither")
         if keys is not None and matrix is not None:
@@ -32,7 +46,8 @@ class FactoredState:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def written(cls, k, v, key_padding_mask=None, with_z=False, fold="auto"):
+    def written(cls, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                with_z: bool = False, fold: str = "auto") -> "FactoredState":
         """The state after writing every unpadded key at once (encoder-decoder attention),
         factored or a matrix by keep_factored(Tk, ...). z = the sum of the keys when with_z."""
         _tensor("k", k, 4)
@@ -45,7 +60,7 @@ class FactoredState:
         return state._maybe_fold(fold)
 
     @classmethod
-    def from_buffer(cls, buffer):
+    def from_buffer(cls, buffer: Optional[Dict[str, torch.Tensor]]) -> Optional["FactoredState"]:
         """The state stored by to_buffer, or None when the buffer holds none (before step one)."""
         if not buffer:
             return None
@@ -54,7 +69,7 @@ class FactoredState:
             return None
         return cls(keys, values, matrix, z)
 
-    def to_buffer(self):
+    def to_buffer(self) -> Dict[str, torch.Tensor]:
         """A dict for fairseq's incremental state: the tensors held, each batch-first."""
         held = zip(BUFFER_KEYS, (self.keys, self.values, self.matrix, self.z))
         return {name: x for name, x in held if x is not None}
@@ -91,7 +106,7 @@ class FactoredState:
             return (qa @ self.keys.transpose(-1, -2)) @ self.values
         return qa @ self.matrix
 
-    def read(self, q):
+    def read(self, q: torch.Tensor) -> torch.Tensor:
         """o = S^T q for every query: (B, H, Tq, Dv) in q's dtype; zeros from an empty state
         cannot be formed (Dv unknown), so read after the first write."""
         if self.empty:
@@ -101,7 +116,8 @@ class FactoredState:
         return self._apply(q.to(acc)).to(q.dtype)
 
     # -- updates ----------------------------------------------------------------------------
-    def append(self, k, v, beta=None, z_key=None, fold="auto"):
+    def append(self, k: torch.Tensor, v: torch.Tensor, beta: Optional[torch.Tensor] = None,
+               z_key: Optional[torch.Tensor] = None, fold: str = "auto") -> "FactoredState":
         """Write one step: k (B, H, 1, d_dot), v (B, H, 1, Dv), beta (B, H, 1) for the delta rule.
         z_key: what the normaliser z adds (the unscaled phi(k) when the caller rescaled k); z is
         left alone when None. fold: "auto" (keep_factored decides), "never" (tests) or "now"."""
@@ -135,7 +151,7 @@ class FactoredState:
             self.matrix = self.matrix + ka.transpose(-1, -2) @ u
         return self._maybe_fold(fold)
 
-    def fold(self):
+    def fold(self) -> "FactoredState":
         """Replace the factors by S = K^T U (costs t d_dot Dv once)."""
         if self.factored:
             self.matrix = self.keys.transpose(-1, -2) @ self.values
@@ -149,13 +165,13 @@ class FactoredState:
             self.fold()
         return self
 
-    def as_matrix(self):
+    def as_matrix(self) -> torch.Tensor:
         """S (B, H, d_dot, Dv), without changing the stored form."""
         if self.empty:
             raise ValueError("as_matrix: the state is empty")
         return self.keys.transpose(-1, -2) @ self.values if self.factored else self.matrix
 
-    def index_select(self, order):
+    def index_select(self, order: torch.Tensor) -> "FactoredState":
         """A state with the batch rows `order` (beam search), every tensor alike."""
         pick = (lambda x: None if x is None else x.index_select(0, order))
         return FactoredState(pick(self.keys), pick(self.values), pick(self.matrix), pick(self.z))

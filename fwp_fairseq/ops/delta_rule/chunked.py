@@ -24,10 +24,8 @@ exp(b_t - b_i) k_i u_i^T, so
 import torch
 
 from .._checks import accumulation_dtype, start_state
-from .._chunking import (ChunkDecay, acc_bmm, bmm, chunk_decay, decay_grad, from_chunks, pick_chunk_size,
+from .._chunking import (CHUNK, ChunkDecay, acc_bmm, bmm, chunk_decay, decay_grad, from_chunks, pick_chunk_size,
                          row_dot, to_chunks)
-
-CHUNK = 64
 
 
 def _forward_chunks(Q, K, V, Bt, S0, dec=None):

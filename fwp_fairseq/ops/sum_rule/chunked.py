@@ -12,10 +12,8 @@ is decayed by exp(b_t), the write of step t by exp(b_C - b_t) and the carried st
 import torch
 
 from .._checks import accumulation_dtype, start_state
-from .._chunking import (ChunkDecay, acc_bmm, bmm, chunk_decay, decay_grad, from_chunks, pick_chunk_size,
+from .._chunking import (CHUNK, ChunkDecay, acc_bmm, bmm, chunk_decay, decay_grad, from_chunks, pick_chunk_size,
                          to_chunks)
-
-CHUNK = 64
 
 
 def _forward_gated(Q, K, V, S0, dec):
