@@ -28,7 +28,7 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from ..ops import UPDATES, FactoredState, fast_weight_delta, fast_weight_noncausal, fast_weight_sum
 from .beam_memory import GROUP_KEY, beams_apart, beams_together, one_row_per_sentence, reorder_buffer
 from .carried_state import CarriedState, CarriesState
-from .feature_maps import (FEATURE_MAPS, PHI_NORMS, FavorFeatureMap, build_feature_map,
+from .feature_maps import (FEATURE_MAPS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
 from .gate import BETA_SCALE, ScalarGate, check_gate_options, decayed_cumsum
 from .precision import recurrence_dtype, to_accumulation
@@ -192,9 +192,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         # In fp32 for half inputs: DPFP squares x (|x| ~ 1e3 gives 1e6, past fp16's range),
         # FAVOR+ exponentiates, and the normalising sum runs over d_dot features.
         dtype = x.dtype
-        x = self.feature_map(to_accumulation(x))
-        if self.phi_norm is not None:
-            x = PHI_NORMS[self.phi_norm](x, self.eps)
+        x = self.feature_map.normalised(to_accumulation(x), self.phi_norm, self.eps)
         return x.to(recurrence_dtype(dtype))
 
     def _keys_values(self, kp, vp, key_padding_mask, bsz):
