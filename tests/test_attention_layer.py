@@ -186,6 +186,66 @@ def test_cross_attention_state_built_once():
     torch.testing.assert_close(out2[0], full[2].index_select(0, torch.tensor([1, 1, 0])))
 
 
+
+def _decode_reordered(a, q, enc, mask, orders):
+    """Encoder-decoder attention step by step from one incremental state, the batch reordered by
+    orders[t] after step t as beam search does -> (outputs of each step, rows of the first batch
+    each step read, the buffers after each reorder)."""
+    state, rows, outs, read, buffers = {}, torch.arange(q.size(1)), [], [], []
+    for t in range(q.size(0)):
+        outs.append(a(q[t:t + 1, rows], enc[:, rows], enc[:, rows], key_padding_mask=mask[rows],
+                      incremental_state=state, static_kv=True)[0])
+        read.append(rows)
+        if t < len(orders):
+            a.reorder_incremental_state(state, orders[t])
+            rows = rows[orders[t]]
+            buffers.append(dict(a._get_input_buffer(state)))
+    return outs, read, buffers
+
+
+@pytest.mark.parametrize("feature_map", ["dpfp", "linear"])  # dpfp: factored memory, linear: S
+def test_cross_attention_memory_shared_by_beams(feature_map):
+    """Beam search (set_beam_size 3, each sentence's encoder output repeated in 3 consecutive
+    rows): one encoder-decoder memory per sentence, the same tensors while beams are reordered
+    within their sentences, a finished sentence drops its row, rows that mix sentences get their
+    own memory again; every step equals the full forward of the rows it serves (fp64)."""
+    beam = 3
+    a = layer(encoder_decoder_attention=True, feature_map=feature_map, kdim=12, vdim=12)
+    a.set_beam_size(beam)
+    enc = x_(5, 2, 1, dim=12).repeat_interleave(beam, dim=1)  # 2 sentences x 3 beams
+    mask = torch.zeros(6, 5, dtype=torch.bool)
+    mask[3:, 3:] = True  # the second sentence is shorter
+    q = x_(4, 6, 2)
+    with torch.no_grad():
+        full = a(q, enc, enc, key_padding_mask=mask, static_kv=True)[0]
+        within, drop = torch.tensor([2, 0, 0, 4, 5, 3]), torch.tensor([4, 3, 3])
+        outs, read, buffers = _decode_reordered(a, q, enc, mask, [within, within, drop])
+        for t, (out, rows) in enumerate(zip(outs, read)):
+            torch.testing.assert_close(out[0], full[t, rows])
+        first, second, dropped = buffers
+        memory = [name for name in first if name != "fw_beam"]
+        assert all(first[name].size(0) == 2 for name in memory)  # one row per sentence
+        assert all(second[name] is first[name] for name in memory)  # not copied
+        assert all(dropped[name].size(0) == 1 for name in memory)
+        mixed = torch.tensor([0, 3, 1, 4, 2, 5])  # not what fairseq does, still exact
+        outs, _, buffers = _decode_reordered(a, q[:2], enc, mask, [mixed])
+        torch.testing.assert_close(outs[1][0], full[1, mixed])
+        assert "fw_beam" not in buffers[0] and all(x.size(0) == 6 for x in buffers[0].values())
+
+
+def test_cross_attention_memory_per_row_without_repeated_sentences():
+    """set_beam_size 3 but rows that are not repeated sentences (e.g. greedy decoding of 6
+    sentences after a beam search): one memory row per batch row, as without a beam."""
+    a = layer(encoder_decoder_attention=True, feature_map="linear", kdim=12, vdim=12)
+    a.set_beam_size(3)
+    enc, q = x_(5, 6, 1, dim=12), x_(2, 6, 2)
+    mask = torch.zeros(6, 5, dtype=torch.bool)
+    with torch.no_grad():
+        full = a(q, enc, enc, static_kv=True)[0]
+        outs, _, buffers = _decode_reordered(a, q, enc, mask, [torch.tensor([5, 0, 1, 1, 2, 3])])
+    assert "fw_beam" not in buffers[0] and all(x.size(0) == 6 for x in buffers[0].values())
+    torch.testing.assert_close(outs[1][0], full[1, [5, 0, 1, 1, 2, 3]])
+
 def test_zero_features_give_no_nan():
     a = layer(causal=True, feature_map="dpfp", update="delta", attn_normalize=True)
     for p in (a.q_proj, a.k_proj):  # phi(0) = 0 for DPFP

@@ -212,6 +212,24 @@ def test_beam_search_scores_match_rescoring(arch, kernel, update):
         assert len(lens) > 1
 
 
+
+@pytest.mark.slow  # two beam searches and rescorings: ~20 s on an idle 2-core machine
+@pytest.mark.parametrize("kernel", ["dpfp", "linear"])
+def test_beam_search_same_with_memory_shared_by_beams(kernel, monkeypatch):
+    """The encoder-decoder memory kept once per sentence (beam_memory.py) gives the hypotheses
+    of one memory row per beam: the same tokens, and scores that differ only by the summation
+    order of the grouped read (fp32 round-off over a few layers: 1e-5 on log-probs)."""
+    from fwp_fairseq.modules import fast_weight_attention
+    model, d = build("fwp_transformer_tiny", kernel_args(kernel, "sum"))
+    _train_copy(model, d, False)
+    shared = beam_search_matches_rescoring(model, d, False, beam_size=4, max_len_b=9)
+    monkeypatch.setattr(fast_weight_attention, "one_row_per_sentence", lambda *args: None)
+    per_beam = beam_search_matches_rescoring(model, d, False, beam_size=4, max_len_b=9)
+    for a, b in zip(shared, per_beam):
+        assert [h["tokens"].tolist() for h in a] == [h["tokens"].tolist() for h in b]
+        for ha, hb in zip(a, b):
+            torch.testing.assert_close(ha["positional_scores"], hb["positional_scores"], atol=1e-5, rtol=0)
+
 # -- FAVOR+ draws ----------------------------------------------------------------------------
 
 def test_performer_redraws_in_training_only():

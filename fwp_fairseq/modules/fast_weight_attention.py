@@ -26,8 +26,9 @@ from torch import Tensor
 from fairseq.incremental_decoding_utils import with_incremental_state
 
 from ..ops import UPDATES, FactoredState, fast_weight_delta, fast_weight_noncausal, fast_weight_sum
+from .beam_memory import GROUP_KEY, beams_apart, beams_together, one_row_per_sentence, reorder_buffer
 from .carried_state import CarriedState, CarriesState
-from .feature_maps import (FEATURE_MAPS, PHI_NORMS, FavorFeatureMap, build_feature_map,
+from .feature_maps import (FEATURE_MAPS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
 from .gate import BETA_SCALE, ScalarGate, check_gate_options
 from .normaliser import key_sums
@@ -82,6 +83,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         # No parameters without the gate: the paper's checkpoints keep their keys.
         self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
         self.num_updates = 0
+        self.beam_size = 1  # set_beam_size
         self.carry_state = False  # set_carry_state
         self._carried = CarriedState()
         self.reset_parameters()
@@ -109,7 +111,9 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.num_updates = int(num_updates)
 
     def set_beam_size(self, beam_size):
-        """Kept for MultiheadAttention's interface; the cached state is reordered explicitly."""
+        """fairseq's SequenceGenerator says its beam size: encoder-decoder attention then keeps
+        one memory per sentence for all its beams (beam_memory.py)."""
+        self.beam_size = int(beam_size)
 
     def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
         result = self.get_incremental_state(incremental_state, "fw_state")
@@ -119,12 +123,11 @@ class FastWeightAttention(CarriesState, nn.Module):
         return self.set_incremental_state(incremental_state, "fw_state", buffer)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        """Beam search: select (and possibly drop) rows of the batch in every cached tensor."""
+        """Beam search: select (and possibly drop) rows of the batch in every cached tensor; a
+        memory shared by a sentence's beams only drops finished sentences (beam_memory.py)."""
         buffer = self._get_input_buffer(incremental_state)
         if buffer:
-            for key, value in buffer.items():
-                if value is not None:
-                    buffer[key] = value.index_select(0, new_order)
+            reorder_buffer(buffer, new_order)
             incremental_state = self._set_input_buffer(incremental_state, buffer)
         return incremental_state
 
@@ -140,6 +143,11 @@ class FastWeightAttention(CarriesState, nn.Module):
         if cached is not None:
             key = value = key_padding_mask = None  # decoding: the state built at step one is reused
         self._check(query, key, value, key_padding_mask)
+        shared = None
+        if static_kv and incremental_state is not None and key is not None and not self.causal:
+            shared = one_row_per_sentence(key, value, key_padding_mask, self.beam_size)
+            if shared is not None:  # beam search: one memory per sentence
+                key, value, key_padding_mask = shared
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(torch.bool)
         if self.training and isinstance(self.feature_map, FavorFeatureMap):
@@ -153,13 +161,14 @@ class FastWeightAttention(CarriesState, nn.Module):
         dev = query.device.type
         with torch.autocast(dev, enabled=False):
             q = self._phi(self._heads(qp, bsz))
-            k, v = (None, None) if kv is None else self._keys_values(*kv, key_padding_mask, bsz)
+            k, v = (None, None) if kv is None else self._keys_values(*kv, key_padding_mask, key.size(1))
             if cached is not None:
                 out = self._read(q, cached)
             elif self.causal:
                 out = self._causal(q, query, k, v, incremental_state)
             else:
-                out = self._noncausal(q, k, v, incremental_state if static_kv else None)
+                out = self._noncausal(q, k, v, incremental_state if static_kv else None,
+                                      None if shared is None else self.beam_size)
         out = out.to(qp.dtype).permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         return self.out_proj(out), None
 
@@ -184,9 +193,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         # In fp32 for half inputs: DPFP squares x (|x| ~ 1e3 gives 1e6, past fp16's range),
         # FAVOR+ exponentiates, and the normalising sum runs over d_dot features.
         dtype = x.dtype
-        x = self.feature_map(to_accumulation(x))
-        if self.phi_norm is not None:
-            x = PHI_NORMS[self.phi_norm](x, self.eps)
+        x = self.feature_map.normalised(to_accumulation(x), self.phi_norm, self.eps)
         return x.to(recurrence_dtype(dtype))
 
     def _keys_values(self, kp, vp, key_padding_mask, bsz):
@@ -199,7 +206,12 @@ class FastWeightAttention(CarriesState, nn.Module):
         return k, v
 
     def _read(self, q, memory):
-        """Every query reads a FactoredState (decoding: encoder-decoder memory, one causal step)."""
+        """Every query reads a FactoredState (decoding: encoder-decoder memory, one causal step).
+        A memory with fewer rows than q is shared by each sentence's beams (beam_memory.py)."""
+        rows = (memory.keys if memory.factored else memory.matrix).size(0)
+        beam = q.size(0) // rows
+        if beam > 1:
+            return beams_apart(self._read(beams_together(q, rows), memory), beam)
         return self._normalise(memory.read(q), q, memory.z) if memory.z is not None else memory.read(q)
 
     def _normalise(self, o, q, z):
@@ -215,11 +227,15 @@ class FastWeightAttention(CarriesState, nn.Module):
             return None
         return FactoredState.from_buffer(self._get_input_buffer(incremental_state))
 
-    def _noncausal(self, q, k, v, cache):
-        """cache: the incremental state to keep the encoder-decoder memory in, or None."""
+    def _noncausal(self, q, k, v, cache, beam=None):
+        """cache: the incremental state to keep the encoder-decoder memory in, or None; beam:
+        the beams per sentence when k and v hold one row per sentence."""
         if cache is not None:
             memory = FactoredState.written(k, v, with_z=self.attn_normalize)
-            self._set_input_buffer(cache, memory.to_buffer())
+            buffer = memory.to_buffer()
+            if beam is not None:
+                buffer[GROUP_KEY] = torch.tensor(beam)
+            self._set_input_buffer(cache, buffer)
             return self._read(q, memory)
         out, _ = fast_weight_noncausal(q, k, v)
         return self._normalise(out, q, to_accumulation(k).sum(2, True)) if self.attn_normalize else out

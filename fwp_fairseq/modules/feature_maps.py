@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dpfp_fused import dpfp_sum_normalised
 from .precision import to_accumulation
 
 
@@ -37,6 +38,11 @@ class FeatureMap(nn.Module):
     signed = False  # features can be negative: a sum of them can be zero
     needs_normalisation = False  # defined only up to a positive per-vector factor
     sum_normalised = False  # the paper sum-normalises it even with the sum rule
+
+    def normalised(self, x, phi_norm, eps):
+        """phi(x) normalised by PHI_NORMS[phi_norm] (None: as it is)."""
+        x = self(x)
+        return x if phi_norm is None else PHI_NORMS[phi_norm](x, eps)
 
 
 class LinearFeatureMap(FeatureMap):
@@ -85,6 +91,13 @@ class DPFPFeatureMap(FeatureMap):
         r = to_accumulation(F.relu(torch.cat([x, -x], dim=-1)))
         out = torch.cat([r * r.roll(shifts=j, dims=-1) for j in range(1, self.nu + 1)], dim=-1)
         return out.to(x.dtype)
+
+    def normalised(self, x, phi_norm, eps):
+        # Sum-normalised (the paper's DPFP): one fused autograd function, equal to the formula
+        # above followed by sum_normalize but without its intermediates (dpfp_fused.py).
+        if phi_norm == "sum":
+            return dpfp_sum_normalised(x, self.nu, eps)
+        return super().normalised(x, phi_norm, eps)
 
 
 def orthogonal_random_matrix(num_features, head_dim, generator, dtype=torch.float32):
