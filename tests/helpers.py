@@ -163,6 +163,14 @@ def run(tool, *args, stdin=None, cwd=None, env=None, fails=False):
     return out
 
 
+def per_update(out):
+    """{update: (loss, gnorm)} from fairseq-train's --log-format json --log-interval 1."""
+    import json
+    import re
+    recs = [json.loads(m) for m in re.findall(r"train_inner\s*[|:]\s*(\{.*\})", out)]
+    return {int(r["num_updates"]): (r["loss"], r["gnorm"]) for r in recs}
+
+
 def write_lines(path, lines):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
