@@ -153,14 +153,23 @@ def torch_version():
     return torch.__version__.split("+")[0]
 
 
-def run(tool, *args, stdin=None, cwd=None):
+def run(tool, *args, stdin=None, cwd=None, env=None, fails=False):
+    """Output of a fairseq CLI, which must succeed (fails=True: must fail); env: extra variables."""
     # Only the thread count is set (2 shared cores); nothing our plugin needs.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
     p = subprocess.run([os.path.join(BIN, tool), *map(str, args)], input=stdin, capture_output=True,
                        text=True, cwd=cwd, env=env, timeout=600)
     out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{tool} failed:\n{out[-4000:]}"
+    assert (p.returncode != 0) == fails, f"{tool} exited with {p.returncode}:\n{out[-4000:]}"
     return out
+
+
+def per_update(out):
+    """{update: (loss, gnorm)} from fairseq-train's --log-format json --log-interval 1."""
+    import json
+    import re
+    recs = [json.loads(m) for m in re.findall(r"train_inner\s*[|:]\s*(\{.*\})", out)]
+    return {int(r["num_updates"]): (r["loss"], r["gnorm"]) for r in recs}
 
 
 def write_lines(path, lines):

@@ -1,7 +1,6 @@
 """Checkpoints: a run stopped and resumed logs the same per-update losses as an uninterrupted run
 (fairseq restores the optimizer, the data position and the update-seeded RNG; FAVOR+ draws
 depend only on the update number); a checkpoint trained with one --fwp-impl runs with another."""
-import json
 import re
 import shutil
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("fairseq")
-from helpers import COMMON, TRAIN, run  # noqa: E402
+from helpers import COMMON, TRAIN, per_update, run  # noqa: E402
 
 import fwp_fairseq  # noqa: E402
 
@@ -18,12 +17,6 @@ from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noq
 
 LM = ["--task", "language_modeling", "--arch", "fwp_lm_tiny", "--tokens-per-sample", "32",
       "--sample-break-mode", "none", "--max-tokens", "256"]
-
-
-def per_update(out):
-    """{update: the logged record} from --log-format json --log-interval 1."""
-    recs = [json.loads(m) for m in re.findall(r"train_inner\s*[|:]\s*(\{.*\})", out)]
-    return {int(r["num_updates"]): (r["loss"], r["gnorm"]) for r in recs}
 
 
 def train_and_resume(corpus, save, kernel, update, total=10, stop=4, extra=()):

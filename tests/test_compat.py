@@ -11,7 +11,9 @@ pytest.importorskip("fairseq")
 import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
-from fwp_fairseq.compat import checkpoint_loading, eval_last_batch, numpy2, torchrun_cpu  # noqa: E402
+from fwp_fairseq.compat import (atomic_checkpoint_copy, checkpoint_loading,  # noqa: E402
+                                distributed_objects, eval_last_batch, numpy2, torch_proxy,
+                                torchrun_cpu)
 
 
 def test_checkpoint_loading_patches_fairseqs_torch_load():
@@ -19,12 +21,27 @@ def test_checkpoint_loading_patches_fairseqs_torch_load():
     from fairseq.distributed import utils
     assert "torch.load(" in inspect.getsource(checkpoint_utils.load_checkpoint_to_cpu), \
         "fairseq no longer calls torch.load in load_checkpoint_to_cpu: the shim patches nothing"
+    assert "torch.load(" in inspect.getsource(utils._broadcast_object_slow), \
+        "fairseq no longer calls torch.load in _broadcast_object_slow: the shim patches nothing"
     if not checkpoint_loading.needed():
-        pytest.skip("this torch/fairseq loads fairseq checkpoints without the shim")
-    for module in (checkpoint_utils, utils):
-        assert isinstance(module.torch, checkpoint_loading._TorchWithFullLoad), module.__name__
-        assert module.torch.load.__wrapped__ is torch.load
+        pytest.skip("this torch/fairseq loads fairseq checkpoints safely without the shim")
+    assert isinstance(checkpoint_utils.torch, torch_proxy.TorchWithLoad)
+    assert checkpoint_utils.torch.load is checkpoint_loading.load_checkpoint_file
+    if distributed_objects.needed():  # objects between workers: unpickled in full
+        assert isinstance(utils.torch, torch_proxy.TorchWithLoad)
+        assert utils.torch.load is distributed_objects._full_load
     assert torch.load is checkpoint_loading.torch.load  # torch itself is left alone
+
+
+def test_atomic_checkpoint_copy_wraps_fairseqs_copy():
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+    for name in ("copy", "path_requires_pathmanager"):
+        assert callable(getattr(PathManager, name, None)), f"fairseq's PathManager.{name} is gone"
+    if not atomic_checkpoint_copy.needed():
+        pytest.skip("this fairseq no longer copies onto checkpoint_last.pt")
+    assert isinstance(checkpoint_utils.PathManager, atomic_checkpoint_copy._AtomicCopyPathManager)
+    assert checkpoint_utils.PathManager.open is PathManager.open  # everything else is fairseq's
 
 
 def test_numpy2_gives_fairseqs_datasets_np_compat():

@@ -7,6 +7,8 @@ import types
 
 import numpy as np
 
+from .source_probe import probe_source
+
 
 class _NumpyWithCompat(types.ModuleType):
     compat = types.SimpleNamespace(long=np.int64)
@@ -24,8 +26,8 @@ def _modules():
 
 
 def _uses_compat(module):
-    import inspect
-    return "np.compat" in inspect.getsource(module)
+    return probe_source("numpy2", module, lambda source: "np.compat" in source, if_unreadable=True,
+                        why="the proxy only adds np.compat.long to what numpy has")
 
 
 def needed():

@@ -9,14 +9,18 @@ import os
 
 import torch
 
+from .source_probe import probe_source
+
 _TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 
 
 def needed():
     """fairseq's torchrun set-up still indexes CUDA devices (the division by zero on CPU)."""
-    import inspect
     from fairseq.distributed import utils
-    return "device_count()" in inspect.getsource(utils._infer_torch_distributed_launch_init)
+    return probe_source("torchrun_cpu", utils._infer_torch_distributed_launch_init,
+                        lambda source: "device_count()" in source, if_unreadable=False,
+                        why="the fix replaces fairseq's own torchrun set-up, while without it "
+                            "the problem is a loud error (division by zero) under torchrun on CPU")
 
 
 def install():
