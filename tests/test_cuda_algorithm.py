@@ -15,7 +15,7 @@ from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
 from helpers import (POSITIVE, KernelLib, assert_bit_reproducible, assert_no_grad_forward_stores_nothing,
-                     assert_rel_close, build_kernel_emulator, gated_reference, make_inputs,
+                     assert_rel_close, build_kernel_emulator, gated_reference, loss_grads, make_inputs,
                      skewed_log_decay)
 
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
@@ -71,19 +71,12 @@ def short_checkpoints(monkeypatch):
 
 
 def _run(fn, inputs, delta, with_h0=True):
-    """Outputs and the gradients of a fixed random loss on (o, final state). inputs: q, k, v,
-    beta, h0 and, gated, g."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, beta, h0 = xs[:5]
-    h0 = h0 if with_h0 else None
-    o, ht = fn(q, k, v, beta, h0, *xs[5:]) if delta else fn(q, k, v, h0, *xs[5:])
-    g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
-    ((o * wo).sum() + (ht * wh).sum()).backward()
-    names = ["q", "k", "v", "beta", "h0", "g"]
-    grads = {n: x.grad for n, x in zip(names, xs) if x.grad is not None}
-    return o.detach(), ht.detach(), grads
+    """(o, final state, {name: gradient}) of helpers.loss_grads. inputs: q, k, v, beta, h0 and,
+    gated, g; fn takes no beta for the sum rule."""
+    q, k, v, beta, h0, *g = inputs
+    call = fn if delta else (lambda q, k, v, beta, h0, *g: fn(q, k, v, h0, *g))
+    out = loss_grads(call, [q, k, v, beta, h0 if with_h0 else None, *g])
+    return out.pop("o"), out.pop("final"), out
 
 
 def _emu_fn(emu, delta):

@@ -17,7 +17,7 @@ from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
 from helpers import (CHUNK_HALF_TOL, POSITIVE, KernelLib, assert_bit_reproducible,
                      assert_no_grad_forward_stores_nothing, assert_rel_close,
-                     build_kernel_emulator, make_inputs, rel_rms)
+                     build_kernel_emulator, loss_grads, make_inputs, rel_rms)
 
 KERNELS = ("chunk_fwd.cu", "chunk_bwd.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_launch.cuh", "fwp_chunk.cuh", "fwp_mma.cuh",
@@ -65,17 +65,10 @@ def emu():
 
 
 def _run(fn, inputs, delta, with_h0=True):
-    """Outputs and the gradients of a fixed random loss on (o, final state)."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, beta, h0 = xs
-    h0 = h0 if with_h0 else None
-    o, ht = fn(q, k, v, beta, h0)
-    g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
-    ((o * wo).sum() + (ht * wh).sum()).backward()
-    names = ["q", "k", "v", "beta", "h0"]
-    return o.detach(), ht.detach(), {n: x.grad for n, x in zip(names, xs) if x.grad is not None}
+    """(o, final state, {name: gradient}) of helpers.loss_grads."""
+    q, k, v, beta, h0 = inputs
+    out = loss_grads(fn, [q, k, v, beta, h0 if with_h0 else None])
+    return out.pop("o"), out.pop("final"), out
 
 
 def _emu_fn(emu, delta):

@@ -9,7 +9,7 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.chunked import delta_rule_chunked
 from fwp_fairseq.ops.sum_rule.chunked import sum_rule_chunked
 
-from helpers import CHUNK_HALF_TOL, POSITIVE, make_inputs, rel_rms
+from helpers import CHUNK_HALF_TOL, POSITIVE, loss_grads, make_inputs, rel_rms
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 DELTA = pytest.mark.parametrize("delta", [True, False], ids=["delta", "sum"])
@@ -28,16 +28,8 @@ def _ref(delta):
 
 
 def _run(fn, inputs, with_h0=True):
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, b, h0 = xs
-    o, ht = fn(q, k, v, b, h0 if with_h0 else None)
-    g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
-    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
-    ((o * wo).sum() + (ht * wh).sum()).backward()
-    out = {"o": o.detach(), "final": ht.detach()}
-    out.update({n: x.grad for n, x in zip("q k v beta h0".split(), xs) if x.grad is not None})
-    return out
+    q, k, v, b, h0 = inputs
+    return loss_grads(fn, [q, k, v, b, h0 if with_h0 else None])
 
 
 def _check(shape, dtype, delta, device, with_h0=True, seed=0):

@@ -7,7 +7,7 @@ import torch
 
 from fwp_fairseq.ops import cuda_available, cuda_backend, fast_weight_delta, fast_weight_sum
 
-from helpers import POSITIVE, gated_reference, make_inputs, skewed_log_decay
+from helpers import INPUT_NAMES, POSITIVE, gated_reference, loss_grads, make_inputs, skewed_log_decay
 
 
 def _call(delta, impl, q, k, v, beta, h0, final=True):
@@ -16,17 +16,14 @@ def _call(delta, impl, q, k, v, beta, h0, final=True):
     return fast_weight_sum(q, k, v, h0, output_final_state=final, impl=impl)
 
 
-def _run(delta, impl, inputs, state_dtype=None):
-    """Outputs and gradients of a fixed random loss on (o, final state). impl: an impl name, or a
-    function of (q, k, v, beta, h0, g) for the gated rule (inputs then end with g)."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, ht = impl(*xs) if callable(impl) else _call(delta, impl, *xs)
-    g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
-    wh = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht)
-    ((o * wo).sum() + (ht * wh).sum()).backward()
-    grads = [x.grad for x in (xs if delta else xs[:3] + xs[4:])]
-    return [o.detach(), ht.detach()] + grads
+def _run(delta, impl, inputs):
+    """helpers.loss_grads as a list in _names(delta) order (None for an input without a
+    gradient). impl: an impl name, or a function of (q, k, v, beta, h0, g) for the gated rule
+    (inputs then end with g)."""
+    fn = impl if callable(impl) else (lambda *xs: _call(delta, impl, *xs))
+    out = loss_grads(fn, inputs)
+    names = [n for n in INPUT_NAMES[:len(inputs)] if delta or n != "beta"]
+    return [out["o"], out["final"], *(out.get(n) for n in names)]
 
 
 def _rel_max(a, b):

@@ -221,9 +221,9 @@ KERNEL_LIMITS = dict(dtypes=cuda_backend.DTYPES, max_dk=cuda_backend.MAX_DK, max
                      gated_ok=True)
 ONE_STEP = Row("reference", max_t=1, gated_ok=True,
                source="no number: one decoding step is one update; the chunk machinery would only add work")
-# The attention order on a GPU for the delta rule solves a T x T triangular system in fp32
-# (quadratic.py), a substitution that batched GEMMs do not cover, and upcasts half inputs; the
-# sequential kernel runs the recurrence on the inputs as they are.
+# Why the kernel comes first for the delta rule (a reason, not a measurement): its attention order
+# solves a T x T triangular system in fp32 (quadratic.py), a substitution rather than a batched
+# product, on inputs upcast from half; the sequential kernel reads the inputs as they are.
 KERNEL_DELTA = Row("cuda", rules=("delta",), **KERNEL_LIMITS,
                    source="placeholder until measured on a GPU (benchmarks/gpu_ops.py): the kernel is "
                           "put before the attention order's triangular solve, its limits are the kernel's")
@@ -262,8 +262,8 @@ def decide(call: Call, impl: str = "auto", table: Tuple[Row, ...] = TABLE) -> Pl
     return Plan(IMPLEMENTATIONS[impl].order, impl)
 
 
-def describe(rule: str, q: torch.Tensor, v: torch.Tensor, initial_state=None,
-             output_final_state: bool = False, g=None) -> Call:
+def describe(rule: str, q: torch.Tensor, v: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
+             output_final_state: bool = False, g: Optional[torch.Tensor] = None) -> Call:
     """The Call of tensors q (B, H, T, Dk), v (B, H, T, Dv) and the optional state and gate."""
     # Probing may build the extension once (about a minute); never for CPU tensors.
     kernels = q.is_cuda and cuda_backend.available()[0]
