@@ -232,17 +232,17 @@ def _greedy(model, src, steps=6):
     return torch.stack(logits, 1)
 
 
-def run_models(folder):
+def run_models(folder, dtype=torch.float32):
     import fwp_fairseq
     fwp_fairseq.register()
     out = {}
     with torch.no_grad():
         for name in ("stream", "perf"):
-            model = load_legacy(folder, name)
+            model = load_legacy(folder, name).to(dtype)
             if getattr(model, "carry_state", False):
                 model.set_carry_state(False)  # a plain forward pass over independent segments
             out[name] = model(_tokens(0, (2, 12)))[0].tolist()
-        model = load_legacy(folder, "mt")
+        model = load_legacy(folder, "mt").to(dtype)
         src, prev = _tokens(1, (2, 7)), _tokens(2, (2, 5))
         out["mt"] = model(src, torch.full((2,), 7), prev)[0].tolist()
         out["mt_greedy"] = _greedy(model, src).tolist()

@@ -55,3 +55,19 @@ def test_gated_dtypes_of_results(impl):
             assert o.dtype == dtype and s.dtype == acc
             (dg,) = torch.autograd.grad(o.float().sum() + s.sum(), g)
             assert dg.dtype == g_dtype
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("rule", ["sum", "delta"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_log_decays_are_not_rounded_to_the_inputs(impl, rule, dtype):
+    """Half q, k, v with fp32 g decay the state exactly as fp32 inputs of the same values do
+    (the same fp32 computation: equal final states); g rounded to the input dtype would be ~1e-3
+    off (the layer's normaliser decays by the fp32 g)."""
+    q, k, v, beta, _ = make_inputs(1, 2, 100, 8, 8, dtype=dtype, requires_grad=False)
+    g = log_decay(1, 2, 100, dtype=torch.float32, requires_grad=False) * 8  # strong decays
+    beta = None if rule == "sum" else beta
+    args = [x for x in (q, k, v, beta) if x is not None]
+    _, s_low = RULES[rule](*args, output_final_state=True, impl=impl, g=g)
+    _, s_ref = RULES[rule](*(x.float() for x in args), output_final_state=True, impl=impl, g=g)
+    assert s_low.dtype == torch.float32 and torch.equal(s_low, s_ref)

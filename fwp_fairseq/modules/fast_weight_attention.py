@@ -259,7 +259,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         step = incremental_state is not None and q.size(2) == 1
         out, memory = self._write_read(q, k, v, beta, g, memory, step, keep)
         if keep:
-            memory.z = None if z is None else z[:, :, -1:]
+            memory.z = None if z is None else z[:, :, -1:].clone()  # not a view of every step's z
             self._state_out(incremental_state, memory)
         return out if z is None else self._normalise(out, q, z)
 

@@ -61,7 +61,9 @@ def _forward_chunks(Q, K, V, Bt, S0, dec=None):
             torch.mul(states[n], dec.whole[n], out=states[n + 1]).baddbmm_(Kt[n], U[n] * dec.until_end[n])
         P = bmm(Q, Kt).mul_(dec.pair)
         O = acc_bmm(bmm(Q, states[:N]).mul_(dec.since_start), P, U)
-    return O, states[N], (Kb, Tinv, W, U, P, states)
+    # The final state is returned as a copy: a view into `states` would keep every chunk's state
+    # alive for as long as a carried or decoding state lives.
+    return O, states[N].clone(), (Kb, Tinv, W, U, P, states)
 
 
 def _backward_chunks(Q, K, V, Bt, saved, dO, dS_final, dec=None, need_dg=False):

@@ -84,7 +84,7 @@ class _SumChunked(torch.autograd.Function):
         else:
             dec = chunk_decay(to_chunks(g.to(acc)[..., None], C))
             O, states, P = _forward_gated(Q, K, V, S0, dec)
-            S = states[-1]
+            S = states[-1].clone()  # owned: a view would keep every chunk's state alive
             ctx.save_for_backward(Q, K, V, P, states, *dec)
         ctx.meta = (B, H, T, q.dtype, None if initial_state is None else initial_state.dtype,
                     None if g is None else g.dtype)
