@@ -270,7 +270,8 @@ class FastWeightAttention(CarriesState, nn.Module):
         if step and g is None:
             memory = FactoredState() if memory is None else memory
             for j in range(k.size(2)):  # DeltaProduct: the token's N writes, in order
-                memory = memory.append(k[:, :, j:j + 1], v[:, :, j:j + 1], None if beta is None else beta[:, :, j:j + 1])
+                w = slice(j, j + 1)
+                memory = memory.append(k[:, :, w], v[:, :, w], None if beta is None else beta[:, :, w])
             return memory.read(q), memory
         state0 = None if memory is None else memory.as_matrix()
         gated = {} if g is None else {"g": g.to(q.dtype)}

@@ -4,12 +4,14 @@ digits in 0..m-1; target at every position the running sum y_t = (x_1 + ... + x_
 With --group s3 each input is one of the 6 permutations of (0, 1, 2), written in one-line
 notation ("120": 0 -> 1, 1 -> 2, 2 -> 0), and the target is the composition so far,
 y_t = x_t o y_{t-1} (first x_1, then x_2, ...): a non-abelian group, which one delta-rule write
-per token cannot track but two can (Siems et al. 2025, DeltaProduct). A language-model-shaped task (net_input src_tokens, target):
-any fairseq LM (fwp_lm, transformer_lm) trains on it with the cross_entropy criterion.
+per token cannot track in one layer but two can (Siems et al. 2025, DeltaProduct).
+A language-model-shaped task (net_input src_tokens, target): any fairseq LM (fwp_lm,
+transformer_lm) trains on it with the cross_entropy criterion.
 
 Sample i of split s in epoch e is a pure function of (seed, s, e, i): training draws fresh
 strings every epoch, validation is the same every time. Validation logs, next to the loss,
-final_acc: the share of strings whose last position (the sum of the whole string) is right.
+final_acc: the share of strings whose last position (the sum, or composition, of the whole
+string) is right.
 evaluate_lengths() measures it at lengths beyond training (Grazzi et al., ICLR 2025)."""
 import itertools
 from dataclasses import dataclass, field
