@@ -151,3 +151,18 @@ def test_bad_inputs_name_the_argument(changes, match):
     impl = changes.pop("impl", "auto")
     with pytest.raises(ValueError, match=match):
         _bad(**changes)(impl=impl)
+
+
+def test_cuda_impl_needs_cuda_tensors():
+    """impl="cuda" runs the CUDA delta rule over the T*N writes: on CPU tensors, fast_weight_delta's error."""
+    q, k, v, beta, _, _ = inputs(1, 1, 3, 2, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="^impl: 'cuda' needs CUDA tensors"):
+        fast_weight_delta_product(q, k, v, beta, 2, impl="cuda")
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import fwp_fairseq.ops.delta_product as module
+    result = doctest.testmod(module, extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
