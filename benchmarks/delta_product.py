@@ -1,6 +1,7 @@
 """DeltaProduct's cost: forward+backward of a causal fast-weight self-attention layer (an LM
 layer's attention: projections, feature map, recurrence, output projection) with
---fwp-householder N against N = 1, at several lengths, ungated and with the forget gate.
+--fwp-householder N against N = 1, at several lengths, ungated and with the forget gate;
+with --op, of the op fast_weight_delta_product alone (impl chunked, B=4, H=8, D=64).
 
 Process CPU time on one thread (the machine may be shared: CPU time is less disturbed by other
 jobs than wall time), the N's interleaved within each repetition, median over --reps.
@@ -8,6 +9,7 @@ Writes results/delta_product.md and .json (results/ is gitignored).
 
     python benchmarks/delta_product.py                      # T = 256, 1024; N = 1, 2, 3
     python benchmarks/delta_product.py --lengths 256 --reps 3
+    python benchmarks/delta_product.py --op                 # the op alone
 """
 import argparse
 import json
@@ -21,12 +23,34 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
+from fwp_fairseq.ops import fast_weight_delta_product  # noqa: E402
 
 
 def build(n, gate, dim, heads):
     torch.manual_seed(0)
     return FastWeightAttention(dim, heads, self_attention=True, causal=True, feature_map="identity",
                                update="delta", l2_norm=True, beta_range="double", gate=gate, householder=n)
+
+
+class Op:
+    """The op alone on unit keys, beta in (0, 2), called like a layer: x (T, B, H*D)."""
+
+    def __init__(self, n, gate, heads, head_dim=64):
+        self.n, self.gate, self.heads, self.head_dim = n, gate, heads, head_dim
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def __call__(self, x, *_):
+        T, B, _ = x.shape
+        H, D, n = self.heads, self.head_dim, self.n
+        unit = torch.nn.functional.normalize
+        q = unit(x.view(T, B, H, D).permute(1, 2, 0, 3), dim=-1)
+        k = unit(x.view(T, B, H, D).permute(1, 2, 0, 3).repeat_interleave(n, dim=2).flip(-1), dim=-1)
+        v = x.view(T, B, H, D).permute(1, 2, 0, 3).repeat_interleave(n, dim=2)
+        beta = 2 * torch.sigmoid(k.sum(-1))
+        g = None if self.gate == "none" else -torch.nn.functional.softplus(q.sum(-1))
+        return fast_weight_delta_product(q, k, v, beta, n, impl="chunked", g=g)
 
 
 def step_seconds(layer, x):
@@ -37,12 +61,12 @@ def step_seconds(layer, x):
     return time.process_time() - start
 
 
-def measure(lengths, ns, gates, batch, dim, heads, reps):
+def measure(lengths, ns, gates, batch, dim, heads, reps, op=False):
     rows = []
     for gate in gates:
         for T in lengths:
-            layers = {n: build(n, gate, dim, heads) for n in ns}
-            x = torch.randn(T, batch, dim, requires_grad=True)
+            layers = {n: Op(n, gate, heads) if op else build(n, gate, dim, heads) for n in ns}
+            x = torch.randn(T, batch, heads * 64 if op else dim, requires_grad=True)
             for layer in layers.values():  # warm-up
                 step_seconds(layer, x)
             times = {n: [] for n in ns}
@@ -81,13 +105,20 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "delta_product"))
+    p.add_argument("--op", action="store_true",
+                   help="time the op alone (impl chunked, head dim 64, --heads heads; default out "
+                        "results/delta_product_op)")
+    p.add_argument("--out", default=None, help="default results/delta_product (--op: results/delta_product_op)")
     args = p.parse_args()
+    if args.out is None:
+        args.out = os.path.join(ROOT, "results", "delta_product_op" if args.op else "delta_product")
     torch.set_num_threads(args.threads)
-    rows = measure(args.lengths, args.householder, args.gates, args.batch, args.dim, args.heads, args.reps)
-    what = (f"Causal fast-weight self-attention (identity + L2 keys, beta in (0, 2)), B={args.batch}, "
-            f"d_model {args.dim}, {args.heads} heads, fp32, forward+backward, process CPU seconds on "
-            f"{args.threads} thread(s), median of {args.reps}, impl auto, torch {torch.__version__}")
+    rows = measure(args.lengths, args.householder, args.gates, args.batch, args.dim, args.heads, args.reps, args.op)
+    subject = (f"fast_weight_delta_product (impl chunked, unit keys, beta in (0, 2)), H={args.heads}, D=64"
+               if args.op else f"Causal fast-weight self-attention (identity + L2 keys, beta in (0, 2)), "
+               f"d_model {args.dim}, {args.heads} heads, impl auto")
+    what = (f"{subject}, B={args.batch}, fp32, forward+backward, process CPU seconds on "
+            f"{args.threads} thread(s), median of {args.reps}, torch {torch.__version__}")
     write(rows, args.householder, args.out, dict(vars(args), what=what))
     print(f"Written: {args.out}.md, .json")
 
