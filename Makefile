@@ -28,15 +28,18 @@ test-slow: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # The paper's associative-retrieval experiment (3-10 min on 2 CPU cores; results/demo/), then
-# parity with beta in (0, 1) vs (0, 2) (1-5 min; results/demo/state_tracking/); measured in
-# all: 4.5 min on an idle 2-core machine.
+# parity with beta in (0, 1) vs (0, 2) (1-5 min; results/demo/state_tracking/), then permutations
+# of 3 elements with DeltaProduct (results/demo/state_tracking/s3/); measured in all: 4.5 min on an
+# idle 2-core machine before the S3 part (see examples/state_tracking/README.md for its time).
 # Budget and options: make demo DEMO_ARGS="--steps-scale 0.5 --jobs 1" (see run_demo.py --help),
-# STATE_DEMO_ARGS="--max-update 200" (examples/state_tracking/run_demo.py --help).
+# STATE_DEMO_ARGS="--max-update 200", S3_DEMO_ARGS (examples/state_tracking/run_demo.py --help).
 DEMO_ARGS ?=
 STATE_DEMO_ARGS ?=
+S3_DEMO_ARGS ?=
 demo: install
 	$(PY) examples/associative_retrieval/run_demo.py $(DEMO_ARGS)
 	$(PY) examples/state_tracking/run_demo.py $(STATE_DEMO_ARGS)
+	$(PY) examples/state_tracking/run_demo.py --group s3 $(S3_DEMO_ARGS)
 
 # S = 20..600 as in the paper: hours of training; meant for a GPU or a long run.
 demo-full: install

@@ -13,7 +13,8 @@ pytest.importorskip("fairseq")
 import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
-from fwp_fairseq.tasks.state_tracking import StateTrackingTask, make_example  # noqa: E402
+from fwp_fairseq.tasks.state_tracking import (StateTrackingTask, make_example, make_group_example,  # noqa: E402
+                                              s3_table)
 from helpers import PKG  # noqa: E402
 
 
@@ -76,6 +77,67 @@ def test_evaluate_lengths_scores_the_final_position():
 @pytest.mark.parametrize("kw, flag", [(dict(modulus=1), "--modulus"), (dict(train_length=0), "--train-length"),
                                       (dict(valid_size=0), "--valid-size"), (dict(valid_length=-1), "--valid-length")])
 def test_bad_options_name_the_flag(kw, flag):
+    with pytest.raises(ValueError, match=f"^{flag}"):
+        task(**kw)
+
+
+# -- S3: composition of permutations of 3 elements ------------------------------------------
+
+def test_s3_table_is_the_symmetric_group():
+    names, table = s3_table()
+    perms = [tuple(int(c) for c in n) for n in names]
+    assert sorted(perms) == sorted(__import__("itertools").permutations(range(3))) and names[0] == "012"
+    for a in range(6):
+        for b in range(6):  # table[a, b] = b o a: apply a, then b
+            assert perms[table[a, b]] == tuple(perms[b][perms[a][i]] for i in range(3))
+    assert (table[0] == np.arange(6)).all() and (table[:, 0] == np.arange(6)).all()  # identity
+    assert all(sorted(row) == list(range(6)) for row in table)  # every element invertible
+    assert (table != table.T).any()  # not abelian
+    assert all(table[table[a, b], c] == table[a, table[b, c]] for a in range(6) for b in range(6) for c in range(6))
+
+
+def test_s3_targets_are_running_compositions():
+    names, table = s3_table()
+    perms = [tuple(int(c) for c in n) for n in names]
+    x, y = make_group_example(np.random.default_rng(0), table, 40)
+    assert x.min() >= 0 and x.max() < 6 and len(set(x.tolist())) == 6
+    state = (0, 1, 2)
+    for t in range(40):  # position i holds state[i]; the permutation x_t moves it on
+        state = tuple(perms[x[t]][state[i]] for i in range(3))
+        assert names[y[t]] == "".join(map(str, state))
+
+
+class _S3Oracle(torch.nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.t, self.w = t, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, src):
+        x = (src - self.t.offset).numpy()
+        pred = np.zeros_like(x)
+        for b in range(x.shape[0]):
+            acc = 0
+            for i in range(x.shape[1]):
+                acc = self.t.table[acc, x[b, i]]
+                pred[b, i] = acc
+        return torch.nn.functional.one_hot(torch.from_numpy(pred) + self.t.offset, len(self.t.dictionary)).float(), None
+
+
+def test_s3_task_batches_and_scoring():
+    t = task(group="s3")
+    assert [t.dictionary[i] for i in range(t.offset, t.offset + 6)] == s3_table()[0] and t.num_classes == 6
+    t.load_dataset("train")
+    d = t.datasets["train"]
+    batch = d.collater([d[i] for i in range(3)])
+    src, tgt = batch["net_input"]["src_tokens"] - t.offset, batch["target"] - t.offset
+    assert src.shape == tgt.shape == (3, 8) and bool((src >= 0).all() and (src < 6).all())
+    assert all(int(tgt[b, i]) == t.table[int(tgt[b, i - 1]), int(src[b, i])] for b in range(3) for i in range(1, 8))
+    assert torch.equal(tgt[:, 0], src[:, 0])
+    assert t.evaluate_lengths(_S3Oracle(t), [8, 50], num_strings=20, batch_size=8) == {8: 1.0, 50: 1.0}
+
+
+@pytest.mark.parametrize("kw, flag", [(dict(group="s3", modulus=5), "--modulus"), (dict(group="s4"), "--group")])
+def test_s3_bad_options_name_the_flag(kw, flag):
     with pytest.raises(ValueError, match=f"^{flag}"):
         task(**kw)
 

@@ -84,6 +84,13 @@ class FwpFields(FairseqDataclass):
                           "'double' (0, 2) (Grazzi et al., ICLR 2025: negative eigenvalues for "
                           "state tracking); a reflection needs unit keys: use it with "
                           "--fwp-l2-normalize (e.g. --fwp-kernel identity)"})
+    fwp_householder: int = field(
+        default=_layer_default("householder"),
+        metadata={"help": "DeltaProduct (Siems et al. 2025; not in the paper): N delta-rule writes per "
+                          "token in causal self-attention, each with its own key, value and beta "
+                          "projection; the state transition is a product of N generalised Householder "
+                          "matrices (with --fwp-beta-range double and unit keys: permutations). "
+                          "Needs --fwp-update delta; 1 (default) is the delta rule"})
     fwp_softmax_layers: str = field(
         default="", metadata={"help": "hybrid model: comma-separated decoder layer indices (from 0) "
                                       "that keep fairseq's softmax attention (self-attention and, in "
@@ -122,6 +129,7 @@ class FwpOptions:
     encoder_decoder_attn: bool
     gate: str
     beta_range: str
+    householder: int
     softmax_layers: tuple  # decoder layers that keep fairseq's attention
     softmax_encoder_layers: tuple
 
@@ -177,6 +185,22 @@ def _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm):
                        "1 - beta |phi(k)|^2 cannot reach -1 (no reflection)")
 
 
+def _check_householder(kernel, update, householder, attn_norm):
+    """--fwp-householder N > 1 writes N times with the causal delta rule, without the normaliser z."""
+    if householder < 1:
+        raise ValueError(f"--fwp-householder: expected N >= 1 (writes per token), got {householder}")
+    if householder == 1:
+        return
+    if kernel == "softmax":
+        raise ValueError("--fwp-householder: --fwp-kernel softmax has no fast weights to write")
+    if update != "delta":
+        raise ValueError(f"--fwp-householder: {householder} writes per token need --fwp-update delta "
+                         f"(got --fwp-update {update})")
+    if attn_norm:
+        raise ValueError("--fwp-householder: DeltaProduct has no attention normaliser; "
+                         "drop --fwp-attn-normalize")
+
+
 def fwp_options(args):
     """Validate the --fwp-* flags of a model's args (Namespace or DictConfig) -> FwpOptions.
     Errors name the flag; a flag missing from args takes its dataclass default."""
@@ -205,6 +229,8 @@ def fwp_options(args):
     if beta_range not in BETA_RANGES:
         raise ValueError(f"--fwp-beta-range: expected one of {', '.join(BETA_RANGES)}, got {beta_range!r}")
     _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm)
+    householder = int(get("fwp_householder"))
+    _check_householder(kernel, update, householder, attn_norm)
     # The layers resolve the defaults; contradictions fail here, at start-up, naming the flag.
     resolve_normalisation(kernel, update, attn_norm, sum_norm, l2_norm, names=FLAGS)
     if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
@@ -223,7 +249,7 @@ def fwp_options(args):
         encoder_self_attn=not bool(get("fwp_softmax_encoder_self_attn")),
         decoder_self_attn=not bool(get("fwp_softmax_decoder_self_attn")),
         encoder_decoder_attn=not bool(get("fwp_softmax_encoder_decoder_attn")),
-        gate=gate, beta_range=beta_range,
+        gate=gate, beta_range=beta_range, householder=householder,
         softmax_layers=_layer_list(get("fwp_softmax_layers"), "--fwp-softmax-layers"),
         softmax_encoder_layers=_layer_list(get("fwp_softmax_encoder_layers"), "--fwp-softmax-encoder-layers"),
     )
@@ -237,7 +263,8 @@ def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=F
         update=opts.update, dpfp_nu=opts.dpfp_nu, performer_features=opts.performer_features,
         attn_normalize=opts.attn_normalize, sum_norm=opts.sum_norm, l2_norm=opts.l2_norm,
         seed=opts.seed * 10_007 + seed_offset, impl=opts.impl,
-        gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit")
+        gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit",
+        householder=opts.householder if causal else 1)
 
 
 def _check_layer_indices(indices, layers, flag):
@@ -257,8 +284,9 @@ def install_fast_weights(opts, encoder=None, decoder=None):
                          "--fwp-softmax-encoder-layers")
     _check_layer_indices(opts.softmax_layers, getattr(decoder, "layers", None), "--fwp-softmax-layers")
     fast_causal = opts.decoder_self_attn and decoder is not None and len(opts.softmax_layers) < len(decoder.layers)
-    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit"):
-        flag = "--fwp-gate" if opts.gate != "none" else "--fwp-beta-range"
+    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit" or opts.householder > 1):
+        flag = ("--fwp-gate" if opts.gate != "none" else
+                "--fwp-beta-range" if opts.beta_range != "unit" else "--fwp-householder")
         raise ValueError(f"{flag}: acts on fast-weight decoder self-attention, and no decoder layer has it")
     if encoder is not None and opts.encoder_self_attn:
         for i, layer in enumerate(encoder.layers):

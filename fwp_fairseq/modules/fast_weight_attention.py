@@ -25,12 +25,14 @@ from torch import Tensor
 
 from fairseq.incremental_decoding_utils import with_incremental_state
 
-from ..ops import UPDATES, FactoredState, fast_weight_delta, fast_weight_noncausal, fast_weight_sum
+from ..ops import (UPDATES, FactoredState, fast_weight_delta, fast_weight_delta_product, fast_weight_noncausal,
+                   fast_weight_sum)
 from .beam_memory import GROUP_KEY, beams_apart, beams_together, one_row_per_sentence, reorder_buffer
 from .carried_state import CarriedState, CarriesState
 from .feature_maps import (FEATURE_MAPS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
 from .gate import BETA_SCALE, ScalarGate, check_gate_options
+from .householder import ExtraWrites, check_householder_options, interleave
 from .normaliser import key_sums
 from .precision import recurrence_dtype, to_accumulation
 
@@ -39,12 +41,14 @@ from .precision import recurrence_dtype, to_accumulation
 class FastWeightAttention(CarriesState, nn.Module):
     """feature_map: a name in FEATURE_MAPS; update: the rule of causal attention ("sum" or
     "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default);
-    gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py."""
+    gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py;
+    householder: delta-rule writes per token (DeltaProduct, causal delta rule only): householder.py."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, feature_map="linear", update="sum",
                  dpfp_nu=1, performer_features=16, attn_normalize=None, sum_norm=None,
-                 l2_norm=False, seed=1, impl="auto", eps=1e-5, gate="none", beta_range="unit"):
+                 l2_norm=False, seed=1, impl="auto", eps=1e-5, gate="none", beta_range="unit",
+                 householder=1):
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim: {embed_dim} must be divisible by num_heads ({num_heads})")
@@ -71,6 +75,8 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.beta_range = beta_range
         self.attn_normalize, self.phi_norm = resolve_normalisation(
             feature_map, self.update, attn_normalize, sum_norm, l2_norm)
+        check_householder_options(householder, self.update, causal, self.attn_normalize)
+        self.num_householder = householder
         self.impl = impl
         self.eps = eps
         self.feature_map = build_feature_map(feature_map, self.head_dim, dpfp_nu, performer_features, seed)
@@ -82,6 +88,8 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.beta_proj = nn.Linear(embed_dim, num_heads, bias=False) if self.update == "delta" else None
         # No parameters without the gate: the paper's checkpoints keep their keys.
         self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
+        # Writes 1..N-1 of DeltaProduct; N = 1: none (no parameters, old checkpoints unchanged).
+        self.extra_writes = ExtraWrites(embed_dim, num_heads, householder) if householder > 1 else None
         self.num_updates = 0
         self.beam_size = 1  # set_beam_size
         self.carry_state = False  # set_carry_state
@@ -98,12 +106,15 @@ class FastWeightAttention(CarriesState, nn.Module):
             nn.init.constant_(proj.bias, 0.0)
         if self.beta_proj is not None:
             nn.init.xavier_uniform_(self.beta_proj.weight)
+        if self.extra_writes is not None:
+            self.extra_writes.reset_parameters(gain)
 
     def extra_repr(self):
         return (f"feature_map={self.feature_map_name}, update={self.update}, causal={self.causal}, "
                 f"attn_normalize={self.attn_normalize}, phi_norm={self.phi_norm}, "
                 f"d_dot={self.feature_map.out_dim}, gate={'none' if self.gate is None else 'scalar'}, "
-                f"beta_range={self.beta_range}")
+                f"beta_range={self.beta_range}"
+                + (f", householder={self.num_householder}" if self.num_householder > 1 else ""))
 
     # -- fairseq hooks -------------------------------------------------------------------
     def set_num_updates(self, num_updates):
@@ -165,7 +176,7 @@ class FastWeightAttention(CarriesState, nn.Module):
             if cached is not None:
                 out = self._read(q, cached)
             elif self.causal:
-                out = self._causal(q, query, k, v, incremental_state)
+                out = self._causal(q, query, k, v, incremental_state, key_padding_mask)
             else:
                 out = self._noncausal(q, k, v, incremental_state if static_kv else None,
                                       None if shared is None else self.beam_size)
@@ -241,7 +252,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         return self._normalise(out, q, to_accumulation(k).sum(2, True)) if self.attn_normalize else out
 
     # -- causal: the sum or delta rule, continuing from a prior state ---------------------
-    def _causal(self, q, query, k, v, incremental_state):
+    def _causal(self, q, query, k, v, incremental_state, key_padding_mask=None):
         memory = self._state_in(incremental_state, q.size(0))
         keep = incremental_state is not None or self.carry_state
         z = z_before = None
@@ -256,6 +267,8 @@ class FastWeightAttention(CarriesState, nn.Module):
             if z is not None:
                 k, beta = self._normalised_delta_inputs(k, beta, z_before)
             beta = beta.to(q.dtype)
+        if self.extra_writes is not None:
+            k, v, beta = self._product_writes(query, k, v, beta, key_padding_mask)
         step = incremental_state is not None and q.size(2) == 1
         out, memory = self._write_read(q, k, v, beta, g, memory, step, keep)
         if keep:
@@ -268,17 +281,34 @@ class FastWeightAttention(CarriesState, nn.Module):
         final state when keep). An ungated decoding step appends to the FactoredState (exact);
         a sequence, or a gated step (the factors hold no decays), runs the ops from memory's S."""
         if step and g is None:
-            memory = (FactoredState() if memory is None else memory).append(k, v, beta)
+            memory = FactoredState() if memory is None else memory
+            for j in range(k.size(2)):  # DeltaProduct: the token's N writes, in order
+                w = slice(j, j + 1)
+                memory = memory.append(k[:, :, w], v[:, :, w], None if beta is None else beta[:, :, w])
             return memory.read(q), memory
         state0 = None if memory is None else memory.as_matrix()
         gated = {} if g is None else {"g": g}  # fp32 log-decays, as z decays by (never rounded to q.dtype)
-        if beta is None:
+        if self.extra_writes is not None:
+            out, state = fast_weight_delta_product(q, k, v, beta, self.num_householder, initial_state=state0,
+                                                   output_final_state=keep, impl=self.impl, **gated)
+        elif beta is None:
             out, state = fast_weight_sum(q, k, v, initial_state=state0, output_final_state=keep,
                                          impl=self.impl, **gated)
         else:
             out, state = fast_weight_delta(q, k, v, beta, initial_state=state0,
                                            output_final_state=keep, impl=self.impl, **gated)
         return out, (FactoredState(matrix=state) if keep else None)
+
+    def _product_writes(self, query, k, v, beta, key_padding_mask):
+        """DeltaProduct: the token's first write (k, v, beta (B, H, T, ...)) and writes 1..N-1
+        from extra_writes, interleaved to T*N steps (householder.interleave)."""
+        kp, vp, logits = self.extra_writes(query)
+        B, H, T, n = logits.shape
+        k2 = self._phi(kp.reshape(B, H, T * n, -1)).view(B, H, T, n, -1)
+        if key_padding_mask is not None:  # a padded token writes nothing, as its first write
+            k2 = k2.masked_fill(key_padding_mask[:, None, :, None, None], 0.0)
+        beta2 = BETA_SCALE[self.beta_range] * torch.sigmoid(logits)
+        return interleave(k, k2), interleave(v, vp), interleave(beta, beta2)
 
     def _state_in(self, incremental_state, bsz):
         """The FactoredState to continue from: decoding buffer, carried state, or None (W = 0)."""

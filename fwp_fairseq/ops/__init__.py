@@ -2,6 +2,9 @@
 
     fast_weight_sum(q, k, v, initial_state=None, output_final_state=False, impl="auto", g=None)
     fast_weight_delta(q, k, v, beta, initial_state=None, output_final_state=False, impl="auto", g=None)
+    fast_weight_delta_product(q, k, v, beta, num_householder, initial_state=None,
+                              output_final_state=False, impl="auto", g=None)
+        (DeltaProduct: num_householder delta-rule writes per token; k, v, beta have T*N steps)
     fast_weight_noncausal(q, k, v, key_padding_mask=None, output_final_state=False, order="auto")
     FactoredState: a decoding state kept as its written keys and values while smaller than S
 
@@ -16,6 +19,7 @@ UPDATES names the update rules (one op each), IMPLS the values of `impl`;
 accumulation_dtype(dtype) is the dtype the state accumulates in.
 """
 from ._checks import accumulation_dtype
+from .delta_product import fast_weight_delta_product
 from .dispatch import cuda_available, fast_weight_delta, fast_weight_sum
 from .factored_state import FactoredState
 from .noncausal import fast_weight_noncausal, fast_weight_read, fast_weight_state
@@ -27,6 +31,7 @@ UPDATES = ("sum", "delta")  # fast_weight_sum, fast_weight_delta
 __all__ = [
     "fast_weight_sum",
     "fast_weight_delta",
+    "fast_weight_delta_product",
     "fast_weight_noncausal",
     "fast_weight_state",
     "fast_weight_read",

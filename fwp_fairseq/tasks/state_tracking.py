@@ -1,19 +1,26 @@
-"""State tracking: parity (modulus 2) or addition modulo m of a digit string, generated from a
-seed (no files). Input x_1..x_T, digits in 0..m-1; target at every position the running sum
-y_t = (x_1 + ... + x_t) mod m. A language-model-shaped task (net_input src_tokens, target):
-any fairseq LM (fwp_lm, transformer_lm) trains on it with the cross_entropy criterion.
+"""State tracking: parity (modulus 2) or addition modulo m of a digit string, or the composition
+of permutations of 3 elements (--group s3), generated from a seed (no files). Input x_1..x_T,
+digits in 0..m-1; target at every position the running sum y_t = (x_1 + ... + x_t) mod m.
+With --group s3 each input is one of the 6 permutations of (0, 1, 2), written in one-line
+notation ("120": 0 -> 1, 1 -> 2, 2 -> 0), and the target is the composition so far,
+y_t = x_t o y_{t-1} (first x_1, then x_2, ...): a non-abelian group, which one delta-rule write
+per token cannot track in one layer but two can (Siems et al. 2025, DeltaProduct).
+A language-model-shaped task (net_input src_tokens, target): any fairseq LM (fwp_lm,
+transformer_lm) trains on it with the cross_entropy criterion.
 
 Sample i of split s in epoch e is a pure function of (seed, s, e, i): training draws fresh
 strings every epoch, validation is the same every time. Validation logs, next to the loss,
-final_acc: the share of strings whose last position (the sum of the whole string) is right.
+final_acc: the share of strings whose last position (the sum, or composition, of the whole
+string) is right.
 evaluate_lengths() measures it at lengths beyond training (Grazzi et al., ICLR 2025)."""
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 from fairseq.data import Dictionary
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
@@ -22,13 +29,35 @@ from fwp_fairseq.data.generated import GeneratedDataset
 
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 EVAL_SPLIT = 7  # the split id of evaluate_lengths' strings (apart from train / valid / test)
+GROUPS = ("cyclic", "s3")
 
 
-def make_dictionary(modulus):
+def make_dictionary(modulus, names=None):
+    """The digits 0..m-1, or the given element names, as symbols."""
     d = Dictionary()
-    for digit in range(modulus):
-        d.add_symbol(str(digit))
+    for name in names if names is not None else map(str, range(modulus)):
+        d.add_symbol(name)
     return d
+
+
+def s3_table():
+    """(names, table): the 6 permutations of (0, 1, 2) in one-line notation, identity first, and
+    table[a, b] = the index of b o a (a first, then b), as an int64 (6, 6) array."""
+    perms = list(itertools.permutations(range(3)))
+    table = np.array([[perms.index(tuple(b[a[i]] for i in range(3))) for b in perms] for a in perms])
+    return ["".join(map(str, p)) for p in perms], table.astype(np.int64)
+
+
+def make_group_example(rng, table, length):
+    """Elements x (T,) drawn uniformly, running compositions y_t = table[y_{t-1}, x_t] (T,)."""
+    x = rng.integers(0, table.shape[0], size=length).astype(np.int64)
+    y = np.empty_like(x)
+    acc = x[0]
+    y[0] = acc
+    for t in range(1, length):
+        acc = table[acc, x[t]]
+        y[t] = acc
+    return x, y
 
 
 def make_example(rng, modulus, length):
@@ -38,14 +67,17 @@ def make_example(rng, modulus, length):
 
 
 class StateTrackingDataset(GeneratedDataset):
-    def __init__(self, size, length, modulus, seed, split_id, fresh_each_epoch, offset):
+    def __init__(self, size, length, modulus, seed, split_id, fresh_each_epoch, offset, table=None):
         super().__init__(size, seed, split_id, fresh_each_epoch)
-        self.length, self.modulus = length, modulus
-        self.offset = offset  # dictionary index of the digit "0"
+        self.length, self.modulus, self.table = length, modulus, table
+        self.offset = offset  # dictionary index of the first element ("0", or the identity)
 
     def __getitem__(self, index):
         rng = self.rng(index)
-        x, y = make_example(rng, self.modulus, self.length)
+        if self.table is None:
+            x, y = make_example(rng, self.modulus, self.length)
+        else:
+            x, y = make_group_example(rng, self.table, self.length)
         return {"id": index, "source": torch.from_numpy(x + self.offset), "target": torch.from_numpy(y + self.offset)}
 
     def collater(self, samples):
@@ -66,7 +98,10 @@ class StateTrackingDataset(GeneratedDataset):
 
 @dataclass
 class StateTrackingConfig(FairseqDataclass):
-    modulus: int = field(default=2, metadata={"help": "2: parity; m > 2: addition modulo m"})
+    group: ChoiceEnum(GROUPS) = field(default="cyclic", metadata={
+        "help": "cyclic: addition modulo --modulus (2: parity); s3: composition of permutations "
+                "of 3 elements (6 symbols; --modulus does not apply)"})
+    modulus: int = field(default=2, metadata={"help": "--group cyclic: 2: parity; m > 2: addition modulo m"})
     train_length: int = field(default=64, metadata={
         "help": "length of the training strings (every position is a target: all prefixes up to it)"})
     valid_length: int = field(default=0, metadata={"help": "length of the validation strings (0: --train-length)"})
@@ -85,12 +120,19 @@ class StateTrackingTask(FairseqTask):
         super().__init__(cfg)
         if cfg.modulus < 2:
             raise ValueError(f"--modulus: expected m >= 2, got {cfg.modulus}")
+        group = str(getattr(cfg, "group", "cyclic"))
+        if group not in GROUPS:
+            raise ValueError(f"--group: expected one of {', '.join(GROUPS)}, got {group!r}")
+        if group == "s3" and cfg.modulus != 2:
+            raise ValueError(f"--modulus: applies to --group cyclic only, got {cfg.modulus} with --group s3")
         for name in ("train_length", "train_size", "valid_size"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(cfg, name)}")
         if cfg.valid_length < 0:
             raise ValueError(f"--valid-length: expected >= 0, got {cfg.valid_length}")
-        self.dictionary = make_dictionary(cfg.modulus)
+        names, self.table = s3_table() if group == "s3" else (None, None)
+        self.dictionary = make_dictionary(cfg.modulus, names)
+        self.num_classes = cfg.modulus if names is None else len(names)
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -98,10 +140,11 @@ class StateTrackingTask(FairseqTask):
 
     @property
     def offset(self):
-        return self.dictionary.index("0")
+        return self.dictionary.nspecial  # the first element's index (the symbols follow in order)
 
     def _dataset(self, size, length, split_id, fresh):
-        return StateTrackingDataset(size, length, self.cfg.modulus, self.cfg.seed, split_id, fresh, self.offset)
+        return StateTrackingDataset(size, length, self.cfg.modulus, self.cfg.seed, split_id, fresh, self.offset,
+                                    self.table)
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         train = split == "train"
@@ -111,7 +154,7 @@ class StateTrackingTask(FairseqTask):
 
     def _predictions(self, model, src_tokens):
         logits = model(src_tokens)[0]
-        return logits[..., self.offset: self.offset + self.cfg.modulus].argmax(-1) + self.offset
+        return logits[..., self.offset: self.offset + self.num_classes].argmax(-1) + self.offset
 
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
