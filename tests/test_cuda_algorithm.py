@@ -31,9 +31,9 @@ class Emulator(KernelLib):
         P, L, I = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
         self.lib = lib
         for name, args in (
-            ("fwp_forward", [I, I] + [P] * 10 + [L, L, I, I, I, P]),
-            ("fwp_state_grad", [I, I] + [P] * 8 + [L, L, I, I, P]),
-            ("fwp_qk_grad", [I, I] + [P] * 13 + [L, L, I, I, I, P]),
+            ("fwp_forward", [I, I] + [P] * 10 + [L, L, I, I, I, P, P]),
+            ("fwp_state_grad", [I, I] + [P] * 8 + [L, L, I, I, P, P]),
+            ("fwp_qk_grad", [I, I] + [P] * 13 + [L, L, I, I, I, P, P]),
         ):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_char_p
@@ -42,13 +42,15 @@ class Emulator(KernelLib):
         p = self._p
         self._check(self.lib.fwp_forward(CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta),
                                          p(a), p(h0), p(o), p(ht), p(ckpt), p(err), q.shape[0],
-                                         q.shape[1], q.shape[2], v.shape[2], ck_every, None))
+                                         q.shape[1], q.shape[2], v.shape[2], ck_every,
+                                         self._sizes(q, k, v, beta, a, h0, o, ht, ckpt, err), None))
 
     def state_grad(self, q, k, dout, beta, a, dht, du, dh0, delta, stream):
         p = self._p
         self._check(self.lib.fwp_state_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout),
                                             p(beta), p(a), p(dht), p(du), p(dh0), q.shape[0],
-                                            q.shape[1], q.shape[2], dout.shape[2], None))
+                                            q.shape[1], q.shape[2], dout.shape[2],
+                                            self._sizes(q, k, dout, beta, a, dht, du, dh0), None))
 
     def qk_grad(self, q, k, dout, u, da, a, ht, dht, ckpt, dq, dk, dkr, lam, ck_every, delta,
                 stream):
@@ -56,7 +58,9 @@ class Emulator(KernelLib):
         self._check(self.lib.fwp_qk_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout), p(u),
                                          p(da), p(a), p(ht), p(dht), p(ckpt), p(dq), p(dk),
                                          p(dkr), p(lam), q.shape[0], q.shape[1], q.shape[2],
-                                         dout.shape[2], ck_every, None))
+                                         dout.shape[2], ck_every,
+                                         self._sizes(q, k, dout, u, da, a, ht, dht, ckpt, dq, dk,
+                                                     dkr, lam), None))
 
 
 @pytest.fixture(scope="module")

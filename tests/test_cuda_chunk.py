@@ -31,32 +31,46 @@ class ChunkEmulator(KernelLib):
     def __init__(self, lib):
         P, L, I = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
         self.lib = lib
-        for name, args in (("fwp_chunk_forward", [I, I] + [P] * 9 + [L, L, I, I, P]),
-                           ("fwp_chunk_backward", [I, I] + [P] * 13 + [L, L, I, I, P])):
+        for name, args in (("fwp_chunk_forward", [I, I] + [P] * 9 + [L, L, I, I, I, I, P, P]),
+                           ("fwp_chunk_backward", [I, I] + [P] * 13 + [L, L, I, I, I, I, P, P])):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_char_p
-        for name in ("fwp_chunk_len", "fwp_chunk_value_tile"):
-            getattr(lib, name).argtypes, getattr(lib, name).restype = [I], I
+        lib.fwp_chunk_configs.argtypes, lib.fwp_chunk_configs.restype = [I, I, P, P], I
+        lib.fwp_chunk_smem.argtypes, lib.fwp_chunk_smem.restype = [I] * 6, L
+        lib.fwp_device_smem_optin.argtypes, lib.fwp_device_smem_optin.restype = [], L
+        lib.fwp_emu_set_smem_optin.argtypes, lib.fwp_emu_set_smem_optin.restype = [L], None
 
-    def chunk_len(self, Dk):
-        return self.lib.fwp_chunk_len(Dk)
+    def chunk_configs(self, Dk, Dv):
+        chunks, tiles = (ctypes.c_int * 3)(), (ctypes.c_int * 3)()
+        n = self.lib.fwp_chunk_configs(Dk, Dv, chunks, tiles)
+        return [(chunks[i], tiles[i]) for i in range(n)]
 
-    def chunk_value_tile(self, Dv):
-        return self.lib.fwp_chunk_value_tile(Dv)
+    def chunk_smem(self, like, delta, backward, Dk, chunk, tile):
+        return self.lib.fwp_chunk_smem(CODES[like.dtype], int(delta), int(backward), Dk, chunk,
+                                       tile)
 
-    def chunk_forward(self, q, k, v, beta, h0, o, ht, states, u, delta, stream):
+    def device_smem_optin(self):
+        return self.lib.fwp_device_smem_optin()
+
+    def set_smem_optin(self, nbytes):
+        """Play a device with this opt-in shared memory per block (the launches' bound)."""
+        self.lib.fwp_emu_set_smem_optin(nbytes)
+
+    def chunk_forward(self, q, k, v, beta, h0, o, ht, states, u, chunk, tile, delta, stream):
         p = self._p
         self._check(self.lib.fwp_chunk_forward(
             CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta), p(h0), p(o), p(ht), p(states),
-            p(u), q.shape[0], q.shape[1], q.shape[2], v.shape[2], None))
+            p(u), q.shape[0], q.shape[1], q.shape[2], v.shape[2], chunk, tile,
+            self._sizes(q, k, v, beta, h0, o, ht, states, u), None))
 
-    def chunk_backward(self, q, k, v, beta, dout, states, u, dht, dq, dk, dkb, dv, dh0, delta,
-                       stream):
+    def chunk_backward(self, q, k, v, beta, dout, states, u, dht, dq, dk, dkb, dv, dh0, chunk,
+                       tile, delta, stream):
         p = self._p
         self._check(self.lib.fwp_chunk_backward(
             CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta), p(dout), p(states), p(u),
             p(dht), p(dq), p(dk), p(dkb), p(dv), p(dh0), q.shape[0], q.shape[1], q.shape[2],
-            v.shape[2], None))
+            v.shape[2], chunk, tile,
+            self._sizes(q, k, v, beta, dout, states, u, dht, dq, dk, dkb, dv, dh0), None))
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +163,13 @@ def test_chunk_forward_without_grad_stores_nothing(emu):
 
 
 def test_chunk_sizes_are_reported(emu):
-    assert emu.chunk_len(64) == 64 and emu.chunk_len(128) == 32 and emu.chunk_len(256) == 32
-    assert emu.chunk_value_tile(16) == 16 and emu.chunk_value_tile(128) == 32
+    # the preferred configuration (chunk, tile) comes first
+    assert emu.chunk_configs(64, 64)[0] == (64, 32) and emu.chunk_configs(128, 64)[0] == (32, 32)
+    assert emu.chunk_configs(256, 16)[0] == (32, 16) and emu.chunk_configs(16, 128)[0] == (64, 32)
     q, k, v, beta, h0 = positive_inputs(1, 1, 5, 16, 16, torch.float64)
     # 24 is no kernel key size: only the Python side pads
-    err = emu.lib.fwp_chunk_forward(3, 0, *[None] * 9, 1, 5, 24, 16, None)
+    err = emu.lib.fwp_chunk_forward(3, 0, *[None] * 9, 1, 5, 24, 16, 64, 16,
+                                    emu._sizes(*[None] * 9), None)
     assert b"Dk must be" in err
     with pytest.raises(ValueError, match="Dv=144"):
         cuda_chunk.apply_chunked(emu, q, k, torch.zeros(1, 1, 5, 144, dtype=torch.float64), beta,
