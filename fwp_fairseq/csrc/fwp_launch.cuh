@@ -30,11 +30,14 @@ const char* dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
     case kF32: return f(Tag<float>{});
     case kF64: return f(Tag<double>{});
-#ifndef FWP_EMU
+#ifdef FWP_EMU
+    case kF16: return f(Tag<::fwp_emu::f16>{});
+    case kBF16: return f(Tag<::fwp_emu::bf16>{});
+#else
     case kF16: return f(Tag<__half>{});
     case kBF16: return f(Tag<__nv_bfloat16>{});
 #endif
-    default: return "fwp: unsupported dtype (fp32, fp16, bf16, fp64 on the GPU; fp32, fp64 emulated)";
+    default: return "fwp: unsupported dtype (fp32, fp16, bf16, fp64)";
   }
 }
 
