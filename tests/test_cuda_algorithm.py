@@ -15,9 +15,9 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import (CHUNK_HALF_TOL, KernelLib, assert_bit_reproducible, assert_no_grad_forward_stores_nothing,
-                     assert_rel_close, build_kernel_emulator, gated_reference, positive_inputs,
-                     rel_rms, skewed_log_decay)
+from helpers import (CHUNK_HALF_TOL, KernelLib, assert_bit_reproducible,
+                     assert_no_grad_forward_stores_nothing, assert_rel_close, build_kernel_emulator,
+                     gated_reference, positive_inputs, rel_rms, skewed_log_decay)
 
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fwp_launch.cuh",
@@ -38,6 +38,7 @@ class Emulator(KernelLib):
         ):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_char_p
+        lib.fwp_emu_set_smem_optin.argtypes, lib.fwp_emu_set_smem_optin.restype = [L], None
 
     def forward(self, q, k, v, beta, a, h0, o, ht, ckpt, err, ck_every, delta, stream):
         p = self._p
@@ -171,11 +172,26 @@ def test_entry_points_refuse_a_buffer_of_the_wrong_size(emu):
         emu.forward(q, k, v, None, None, None, o, ht, ckpt, None, 16, False, None)
     assert (o == 7.0).all()
     emu.forward(q, k, v, None, None, None, o, ht, ckpt, None, 64, False, None)
-    with pytest.raises(RuntimeError, match="fwp_state_grad: du has 40 elements, the launch needs 640"):
+    with pytest.raises(RuntimeError, match="fwp_state_grad: du has 40 elements, the launch needs "
+                                           "640"):
         emu.state_grad(q, k, v, None, None, None, torch.empty(BH, T, 1), None, False, None)
     with pytest.raises(RuntimeError, match="fwp_qk_grad: dq has 624 elements"):
         emu.qk_grad(q, k, v, v, None, None, ht, None, ckpt, torch.empty(BH, T - 1, D),
                     torch.empty(BH, T, D), None, None, 64, False, None)
+
+
+def test_a_launch_over_the_device_limit_is_refused(emu):
+    """The launch guard bounds the sequential kernels too: the fp32 forward at Dk = 64 (about
+    20 KiB per block) on a device playing 16 KiB is refused with the numbers, not launched."""
+    q, k, v, beta, h0 = positive_inputs(1, 1, 7, 64, 16, torch.float32)
+    emu.lib.fwp_emu_set_smem_optin(16 * 1024)
+    try:
+        with pytest.raises(RuntimeError, match="bytes of shared memory per block, the device "
+                                               "allows 16384"):
+            cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
+    finally:
+        emu.lib.fwp_emu_set_smem_optin(2 ** 63 - 1)
+    cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])

@@ -289,7 +289,8 @@ def test_chunk_entry_points_refuse_a_buffer_of_the_wrong_size(emu):
     BH, T, Dk, Dv = 2, 70, 32, 32
     q, k, v = (torch.rand(BH, T, D, dtype=torch.float64) for D in (Dk, Dk, Dv))
     beta = torch.rand(BH, T, dtype=torch.float64)
-    o, u = torch.full((BH, T, Dv), 7.0, dtype=torch.float64), torch.empty(BH, T, Dv, dtype=torch.float64)
+    o = torch.full((BH, T, Dv), 7.0, dtype=torch.float64)
+    u = torch.empty(BH, T, Dv, dtype=torch.float64)
     ht = torch.empty(BH, Dk, Dv, dtype=torch.float64)
     chunk, tile = 64, 32  # two chunks, one value tile
     short_states = torch.empty(BH, 1, Dk, Dv, dtype=torch.float64)

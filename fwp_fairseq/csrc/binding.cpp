@@ -55,7 +55,9 @@ void raise_on(const char* err) { TORCH_CHECK(err == nullptr, err ? err : ""); }
 // check each against the shape its launch assumes (fwp_api.h).
 long long numel(const at::Tensor& t) { return t.numel(); }
 long long numel(const OptT& t) { return t.has_value() ? t->numel() : 0; }
-template <typename... Ts> std::vector<long long> sizes_of(const Ts&... ts) { return {numel(ts)...}; }
+template <typename... Ts> std::vector<long long> sizes_of(const Ts&... ts) {
+  return {numel(ts)...};
+}
 
 // q, k and x (v or dout) share q's device and dtype.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& x,

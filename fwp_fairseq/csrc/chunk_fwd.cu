@@ -146,10 +146,6 @@ extern "C" long long fwp_chunk_smem(int dtype, int delta, int backward, int Dk, 
 
 extern "C" long long fwp_device_smem_optin() { return fwp::device_smem_optin(); }
 
-#ifdef FWP_EMU
-extern "C" void fwp_emu_set_smem_optin(long long bytes) { ::fwp_emu::smem_optin() = bytes; }
-#endif
-
 extern "C" const char* fwp_chunk_forward(int dtype, int delta, const void* q, const void* k,
                                          const void* v, const void* beta, const void* h0, void* o,
                                          void* ht, void* states, void* u, long long BH,

@@ -30,7 +30,7 @@ constexpr int value_tile(int Dv) { return Dv >= 32 ? 32 : 16; }
 // The configurations compiled for a key size, in order of preference (chunk_configs): the
 // preferred one, the chunk halved, the chunk halved with 16-column tiles. The halved chunk is for
 // devices with 99 KiB per block (sm_86, sm_89): it brings every variant under it, Dk = 256 with
-// 16-column tiles (tests/test_chunk_smem.py prints the table).
+// 16-column tiles (the table in README.md; tests/test_cuda_chunk.py checks every variant).
 constexpr int kMaxConfigs = 3;
 struct ChunkConfig { int chunk, tile; };
 inline int chunk_configs(int Dk, int Dv, ChunkConfig (&out)[kMaxConfigs]) {

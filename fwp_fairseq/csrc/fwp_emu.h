@@ -91,7 +91,8 @@ struct Warp {
   unsigned char slot[32][8];
 };
 
-constexpr size_t kGuard = 128;  // also the alignment of the shared-memory base (the kernels' __align__(128))
+// Guard bands; also the alignment of the shared-memory base (the kernels' __align__(128)).
+constexpr size_t kGuard = 128;
 
 struct Block {
   Block(int threads, size_t smem) : bar(threads), warps(threads / 32), smem_(smem),

@@ -113,6 +113,12 @@ const char* entry(long long BH, long long T, int Dk, int Dv, int ck_every, F&& b
 // (fwp_emu::smem_optin), so the CPU tests can play each device class.
 #ifdef FWP_EMU
 inline long long device_smem_optin() { return ::fwp_emu::smem_optin(); }
+}  // namespace fwp
+// The tests' handle on the emulated limit, in every emulator library (one merged inline copy).
+extern "C" inline __attribute__((used)) void fwp_emu_set_smem_optin(long long bytes) {
+  ::fwp_emu::smem_optin() = bytes;
+}
+namespace fwp {
 #else
 inline long long device_smem_optin() {
   int dev = 0, bytes = 0;

@@ -32,8 +32,10 @@ template <typename In> using FragC = Frag<In>;
 
 // WMMA's requirements on a tile in memory (load_matrix_sync / store_matrix_sync).
 template <typename T> inline void check_tile(const T* p, long long ld) {
-  if (reinterpret_cast<uintptr_t>(p) % 32) ::fwp_emu::report("fwp_emu: WMMA tile pointer not 32-byte aligned");
-  if ((ld * static_cast<long long>(sizeof(T))) % 16) ::fwp_emu::report("fwp_emu: WMMA leading dimension not a multiple of 16 bytes");
+  if (reinterpret_cast<uintptr_t>(p) % 32)
+    ::fwp_emu::report("fwp_emu: WMMA tile pointer not 32-byte aligned");
+  if ((ld * static_cast<long long>(sizeof(T))) % 16)
+    ::fwp_emu::report("fwp_emu: WMMA leading dimension not a multiple of 16 bytes");
 }
 
 // Element (r, c) of a tile at p with leading dimension ld, row- or column-major.

@@ -12,6 +12,7 @@ import logging
 
 log = logging.getLogger(__name__)
 _logged = set()
+_chosen = {}
 
 
 def choose_config(ext, like, Dk, Dv, delta, backward):
@@ -19,20 +20,32 @@ def choose_config(ext, like, Dk, Dv, delta, backward):
     backward) pass fits the current device, else (None, reason). `like`: a tensor of the input
     dtype; Dk, Dv: the kernel's (padded) sizes; `ext`: the extension or the CPU emulator."""
     limit = ext.device_smem_optin()
+    key = (id(ext), limit, like.dtype, Dk, Dv, delta, backward)
+    if key not in _chosen:  # a few calls into the extension, once per shape and device limit
+        _chosen[key] = _first_fitting(ext, like, Dk, Dv, delta, backward, limit)
+    config, why, note = _chosen[key]
+    if note:
+        _log_once(logging.INFO, note)
+    return config, why
+
+
+def _first_fitting(ext, like, Dk, Dv, delta, backward, limit):
+    """(config, None, note) or (None, reason, None); note says why a smaller one was taken."""
     passes = (False, True) if backward else (False,)
     needs = []
     for chunk, tile in ext.chunk_configs(Dk, Dv):
         need = max(ext.chunk_smem(like, delta, b, Dk, chunk, tile) for b in passes)
         needs.append(need)
         if 0 <= need <= limit:
+            note = None
             if len(needs) > 1:
-                _log_once(logging.INFO, f"chunk kernels: {_variant(like, Dk, Dv, delta, backward)} "
-                          f"needs {needs[0]} bytes of shared memory per block, the device allows "
-                          f"{limit}: chunks of {chunk} steps, value tiles of {tile} ({need} bytes)")
-            return (chunk, tile), None
+                note = (f"chunk kernels: {_variant(like, Dk, Dv, delta, backward)} needs "
+                        f"{needs[0]} bytes of shared memory per block, the device allows {limit}: "
+                        f"chunks of {chunk} steps, value tiles of {tile} ({need} bytes)")
+            return (chunk, tile), None, note
     why = (f"{_variant(like, Dk, Dv, delta, backward)} needs at least {min(needs)} bytes of shared "
            f"memory per block, the device allows {limit}")
-    return None, why
+    return None, why, None
 
 
 def log_fallback(why):
@@ -41,8 +54,8 @@ def log_fallback(why):
 
 
 def _variant(like, Dk, Dv, delta, backward):
-    rule = "delta" if delta else "sum"
-    return f"the {rule} rule's {'backward' if backward else 'forward'} (Dk={Dk}, Dv={Dv}, {like.dtype})"
+    rule, run = ("delta" if delta else "sum"), ("backward" if backward else "forward")
+    return f"the {rule} rule's {run} (Dk={Dk}, Dv={Dv}, {like.dtype})"
 
 
 def _log_once(level, msg):
