@@ -53,10 +53,10 @@ void raise_on(const char* err) { TORCH_CHECK(err == nullptr, err ? err : ""); }
 
 // Element counts of the pointer arguments, in order (0 for an absent one): the C entry points
 // check each against the shape its launch assumes (fwp_api.h).
-long long numel(const at::Tensor& t) { return t.numel(); }
-long long numel(const OptT& t) { return t.has_value() ? t->numel() : 0; }
+long long element_count(const at::Tensor& t) { return t.numel(); }
+long long element_count(const OptT& t) { return t.has_value() ? t->numel() : 0; }
 template <typename... Ts> std::vector<long long> sizes_of(const Ts&... ts) {
-  return {numel(ts)...};
+  return {element_count(ts)...};
 }
 
 // q, k and x (v or dout) share q's device and dtype.
