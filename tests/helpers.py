@@ -253,7 +253,8 @@ def run_models(folder, dtype=torch.float32):
 
 class KernelLib:
     """Base of the emulator wrappers: _p passes a tensor (16-byte aligned, contiguous) or None
-    as a pointer; _check raises the C entry point's error text."""
+    as a pointer, _sizes the element counts of such arguments (as binding.cpp does); _check
+    raises the C entry point's error text."""
 
     @staticmethod
     def _p(t):
@@ -266,6 +267,11 @@ class KernelLib:
     def _check(err):
         if err is not None:
             raise RuntimeError(err.decode())
+
+    @staticmethod
+    def _sizes(*tensors):
+        import ctypes
+        return (ctypes.c_longlong * len(tensors))(*(0 if t is None else t.numel() for t in tensors))
 
 
 def build_kernel_emulator(name, kernels, headers):

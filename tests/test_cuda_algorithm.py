@@ -3,8 +3,9 @@
 g++ -DFWP_EMU compiles the .cu files with every CUDA thread as a CPU thread (barriers, shuffles,
 NaN-filled shared memory with guard bands), and cuda_backend's autograd code drives it through
 ctypes exactly as it drives the real extension. This checks the tiling, the chunk staging, the
-checkpointed backward and the padding against the reference, without a GPU. fp32 and fp64 only
-(the emulator has no half types)."""
+checkpointed backward and the padding against the reference, without a GPU: fp64 and fp32 for the
+algorithm, fp16 (_Float16) and bf16 (fwp_emu::bf16) for the half-input paths (read natively,
+accumulated in fp32)."""
 import ctypes
 
 import pytest
@@ -14,14 +15,14 @@ from fwp_fairseq.ops import cuda_backend
 from fwp_fairseq.ops.delta_rule.reference import delta_rule_reference
 from fwp_fairseq.ops.sum_rule.reference import sum_rule_reference
 
-from helpers import (POSITIVE, KernelLib, assert_bit_reproducible, assert_no_grad_forward_stores_nothing,
-                     assert_rel_close, build_kernel_emulator, gated_reference, loss_grads, make_inputs,
-                     skewed_log_decay)
+from helpers import (CHUNK_HALF_TOL, POSITIVE, KernelLib, assert_bit_reproducible,
+                     assert_no_grad_forward_stores_nothing, assert_rel_close, build_kernel_emulator,
+                     gated_reference, loss_grads, make_inputs, rel_rms, skewed_log_decay)
 
 KERNELS = ("recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu")
 HEADERS = ("fwp_api.h", "fwp_common.cuh", "fwp_columns.cuh", "fwp_rows.cuh", "fwp_launch.cuh",
            "fwp_emu.h")
-CODES = {torch.float32: 0, torch.float64: 3}
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 class Emulator(KernelLib):
@@ -31,24 +32,27 @@ class Emulator(KernelLib):
         P, L, I = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
         self.lib = lib
         for name, args in (
-            ("fwp_forward", [I, I] + [P] * 10 + [L, L, I, I, I, P]),
-            ("fwp_state_grad", [I, I] + [P] * 8 + [L, L, I, I, P]),
-            ("fwp_qk_grad", [I, I] + [P] * 13 + [L, L, I, I, I, P]),
+            ("fwp_forward", [I, I] + [P] * 10 + [L, L, I, I, I, P, P]),
+            ("fwp_state_grad", [I, I] + [P] * 8 + [L, L, I, I, P, P]),
+            ("fwp_qk_grad", [I, I] + [P] * 13 + [L, L, I, I, I, P, P]),
         ):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_char_p
+        lib.fwp_emu_set_smem_optin.argtypes, lib.fwp_emu_set_smem_optin.restype = [L], None
 
     def forward(self, q, k, v, beta, a, h0, o, ht, ckpt, err, ck_every, delta, stream):
         p = self._p
         self._check(self.lib.fwp_forward(CODES[q.dtype], int(delta), p(q), p(k), p(v), p(beta),
                                          p(a), p(h0), p(o), p(ht), p(ckpt), p(err), q.shape[0],
-                                         q.shape[1], q.shape[2], v.shape[2], ck_every, None))
+                                         q.shape[1], q.shape[2], v.shape[2], ck_every,
+                                         self._sizes(q, k, v, beta, a, h0, o, ht, ckpt, err), None))
 
     def state_grad(self, q, k, dout, beta, a, dht, du, dh0, delta, stream):
         p = self._p
         self._check(self.lib.fwp_state_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout),
                                             p(beta), p(a), p(dht), p(du), p(dh0), q.shape[0],
-                                            q.shape[1], q.shape[2], dout.shape[2], None))
+                                            q.shape[1], q.shape[2], dout.shape[2],
+                                            self._sizes(q, k, dout, beta, a, dht, du, dh0), None))
 
     def qk_grad(self, q, k, dout, u, da, a, ht, dht, ckpt, dq, dk, dkr, lam, ck_every, delta,
                 stream):
@@ -56,7 +60,9 @@ class Emulator(KernelLib):
         self._check(self.lib.fwp_qk_grad(CODES[q.dtype], int(delta), p(q), p(k), p(dout), p(u),
                                          p(da), p(a), p(ht), p(dht), p(ckpt), p(dq), p(dk),
                                          p(dkr), p(lam), q.shape[0], q.shape[1], q.shape[2],
-                                         dout.shape[2], ck_every, None))
+                                         dout.shape[2], ck_every,
+                                         self._sizes(q, k, dout, u, da, a, ht, dht, ckpt, dq, dk,
+                                                     dkr, lam), None))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +132,59 @@ def test_emulated_kernels_fp32_and_no_initial_state(emu, short_checkpoints, delt
     assert_rel_close(ht, ht_r, 1e-5)
     for name in grads_r:
         assert_rel_close(grads[name], grads_r[name], 1e-5)
+
+
+@pytest.mark.parametrize("dtype,gated", [(torch.float16, False), (torch.bfloat16, True)],
+                         ids=["fp16", "bf16-gated"])
+def test_emulated_kernels_half_inputs(emu, dtype, gated):
+    """fp16/bf16 inputs: outputs in the input dtype, final state fp32, and every result within
+    CHUNK_HALF_TOL (relative RMS) of fp64 on the same rounded inputs: the bound of the chunk
+    kernels, which round more (their tile operands too); measured here at most 2.9e-4 (fp16) and
+    2.7e-3 (bf16, gated)."""
+    inputs = make_inputs(1, 1, 100, 64, 32, dtype, seed=2, **POSITIVE)
+    inputs += [skewed_log_decay(1, 1, 100)] if gated else []
+    got = _run(_emu_fn(emu, True), inputs, True)
+    ref = _gated_ref_fn(True) if gated else _ref_fn(True)
+    want = _run(ref, [x.double() for x in inputs], True)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    pairs = [("o", got[0], want[0]), ("final", got[1], want[1])]
+    pairs += [(n, got[2][n], want[2][n]) for n in want[2]]
+    for name, a, b in pairs:
+        assert rel_rms(a, b) < CHUNK_HALF_TOL[dtype], (name, rel_rms(a, b))
+
+
+def test_entry_points_refuse_a_buffer_of_the_wrong_size(emu):
+    """Every buffer's element count is checked against the launch's shapes (here the checkpoint
+    count, ceil(T / ck_every)) before anything runs: an error naming the buffer, nothing written."""
+    BH, T, D = 1, 40, 16
+    q, k, v = (torch.rand(BH, T, D) for _ in range(3))
+    o, ht = torch.full((BH, T, D), 7.0), torch.empty(BH, D, D)
+    ckpt = torch.empty(BH, 1, D, D)  # one checkpoint: right for ck_every = 64, not for 16
+    with pytest.raises(RuntimeError, match=r"fwp_forward: ckpt has 256 elements, the launch needs "
+                                           r"768 = \(BH, ceil\(T / ck_every\), Dk, Dv\)"):
+        emu.forward(q, k, v, None, None, None, o, ht, ckpt, None, 16, False, None)
+    assert (o == 7.0).all()
+    emu.forward(q, k, v, None, None, None, o, ht, ckpt, None, 64, False, None)
+    with pytest.raises(RuntimeError, match="fwp_state_grad: du has 40 elements, the launch needs "
+                                           "640"):
+        emu.state_grad(q, k, v, None, None, None, torch.empty(BH, T, 1), None, False, None)
+    with pytest.raises(RuntimeError, match="fwp_qk_grad: dq has 624 elements"):
+        emu.qk_grad(q, k, v, v, None, None, ht, None, ckpt, torch.empty(BH, T - 1, D),
+                    torch.empty(BH, T, D), None, None, 64, False, None)
+
+
+def test_a_launch_over_the_device_limit_is_refused(emu):
+    """The launch guard bounds the sequential kernels too: the fp32 forward at Dk = 64 (about
+    20 KiB per block) on a device playing 16 KiB is refused with the numbers, not launched."""
+    q, k, v, beta, h0 = make_inputs(1, 1, 7, 64, 16, torch.float32, **POSITIVE)
+    emu.lib.fwp_emu_set_smem_optin(16 * 1024)
+    try:
+        with pytest.raises(RuntimeError, match="bytes of shared memory per block, the device "
+                                               "allows 16384"):
+            cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
+    finally:
+        emu.lib.fwp_emu_set_smem_optin(2 ** 63 - 1)
+    cuda_backend._apply(emu, q, k, v, beta, h0, False, True)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])

@@ -76,3 +76,37 @@ def test_chunk_kernel_refuses_what_it_does_not_take(cuda):
         cuda_backend.sum_rule_cuda(q.float(), k.float(), v.float(), kernel="chunk")
     with pytest.raises(ValueError, match="kernel"):
         cuda_backend.sum_rule_cuda(q, k, v, kernel="tiles")
+
+
+@pytest.mark.gpu
+def test_shared_memory_limit_is_the_devices(cuda):
+    """The extension's limit (the launch guard's) is the device's opt-in shared memory per block,
+    as torch reports it where it does, and the preferred configuration fits sm_80 / sm_90."""
+    from fwp_fairseq.ops import chunk_smem
+    ext = cuda_backend._extension(torch.zeros(1, device=cuda))
+    got = ext.device_smem_optin()
+    want = getattr(torch.cuda.get_device_properties(cuda), "shared_memory_per_block_optin", None)
+    assert got >= 99 * 1024 and (want is None or got == want)
+    like = torch.zeros(1, dtype=torch.bfloat16, device=cuda)
+    config, why = chunk_smem.choose_config(ext, like, 256, 128, True, True)
+    assert config is not None, why
+    if got >= 163 * 1024:
+        assert config == ext.chunk_configs(256, 128)[0]
+
+
+@pytest.mark.gpu
+@DTYPES
+@DELTA
+@pytest.mark.parametrize("Dk", [64, 256])
+def test_chunk_kernel_smaller_configurations(cuda, Dk, dtype, delta):
+    """The configurations a 99 KiB device (sm_86, sm_89) runs, on this GPU's tensor cores."""
+    from fwp_fairseq.ops import cuda_chunk
+    ext = cuda_backend._extension(torch.zeros(1, device=cuda))
+    for config in ext.chunk_configs(Dk, 32)[1:]:
+        fn = lambda q, k, v, b, h0: cuda_chunk.apply_chunked(  # noqa: E731
+            ext, q, k, v, b if delta else None, h0, True, delta, config)
+        inputs = make_inputs(1, 4, 300, Dk, 32, dtype=dtype, device=cuda, seed=Dk, **POSITIVE)
+        got = _run(fn, inputs)
+        want = _run(_ref(delta), [x.double() for x in inputs])
+        for name in want:
+            assert rel_rms(got[name], want[name]) < CHUNK_HALF_TOL[dtype], (name, config)

@@ -5,9 +5,12 @@
 // Only torch/extension.h is included (no torch CUDA headers), so `make cuda-check` can
 // syntax-check this file against a CPU-only torch; the caller passes the current CUDA stream as
 // an integer and makes q's device current.
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "fwp_api.h"
 
@@ -48,6 +51,14 @@ const void* opt_ptr(const OptT& t, const char* name, const at::Tensor& like, at:
 
 void raise_on(const char* err) { TORCH_CHECK(err == nullptr, err ? err : ""); }
 
+// Element counts of the pointer arguments, in order (0 for an absent one): the C entry points
+// check each against the shape its launch assumes (fwp_api.h).
+long long element_count(const at::Tensor& t) { return t.numel(); }
+long long element_count(const OptT& t) { return t.has_value() ? t->numel() : 0; }
+template <typename... Ts> std::vector<long long> sizes_of(const Ts&... ts) {
+  return {element_count(ts)...};
+}
+
 // q, k and x (v or dout) share q's device and dtype.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& x,
                   const char* x_name) {
@@ -71,13 +82,14 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              const OptT& ckpt, const OptT& err, int64_t ck_every, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
   check_forward(q, k, v, o, ht, acc);
+  const auto sizes = sizes_of(q, k, v, beta, a, h0, o, ht, ckpt, err);
   raise_on(fwp_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                        opt_ptr(beta, "beta", q, acc), opt_ptr(a, "a", q, acc),
                        opt_ptr(h0, "h0", q, acc), o.data_ptr(),
                        ht.data_ptr(), const_cast<void*>(opt_ptr(ckpt, "ckpt", q, acc)),
                        const_cast<void*>(opt_ptr(err, "err", q, acc)), q.size(0), q.size(1),
                        static_cast<int>(q.size(2)), static_cast<int>(v.size(2)),
-                       static_cast<int>(ck_every), reinterpret_cast<void*>(stream)));
+                       static_cast<int>(ck_every), sizes.data(), reinterpret_cast<void*>(stream)));
 }
 
 // Pass A: du (BH, T, Dv) and, if given, dh0.
@@ -87,12 +99,13 @@ void state_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout
   const auto acc = acc_type(q);
   check_inputs(q, k, dout, "dout");
   check(du, "du", q, acc);
+  const auto sizes = sizes_of(q, k, dout, beta, a, dht, du, dh0);
   raise_on(fwp_state_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
                           opt_ptr(beta, "beta", q, acc), opt_ptr(a, "a", q, acc),
                           opt_ptr(dht, "dht", q, acc),
                           du.data_ptr(), const_cast<void*>(opt_ptr(dh0, "dh0", q, acc)),
                           q.size(0), q.size(1), static_cast<int>(q.size(2)),
-                          static_cast<int>(dout.size(2)),
+                          static_cast<int>(dout.size(2)), sizes.data(),
                           reinterpret_cast<void*>(stream)));
 }
 
@@ -107,27 +120,32 @@ void qk_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dout,
   check(ckpt, "ckpt", q, acc);
   check(dq, "dq", q, q.scalar_type());
   check(dk, "dk", q, q.scalar_type());
+  const auto sizes = sizes_of(q, k, dout, u, da, a, ht, dht, ckpt, dq, dk, dkr, lam);
   raise_on(fwp_qk_grad(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), dout.data_ptr(),
                        u.data_ptr(), opt_ptr(da, "da", q, acc), opt_ptr(a, "a", q, acc),
                        opt_ptr(ht, "ht", q, acc), opt_ptr(dht, "dht", q, acc), ckpt.data_ptr(),
                        dq.data_ptr(), dk.data_ptr(), const_cast<void*>(opt_ptr(dkr, "dkr", q, acc)),
                        const_cast<void*>(opt_ptr(lam, "lam", q, acc)), q.size(0), q.size(1),
                        static_cast<int>(q.size(2)), static_cast<int>(dout.size(2)),
-                       static_cast<int>(ck_every), reinterpret_cast<void*>(stream)));
+                       static_cast<int>(ck_every), sizes.data(), reinterpret_cast<void*>(stream)));
 }
 
-// Chunk kernels: q, k (BH, T, Dk), v, o (BH, T, Dv); fills o, ht, states, u (fwp_api.h).
+// Chunk kernels: q, k (BH, T, Dk), v, o (BH, T, Dv); fills o, ht, states, u (fwp_api.h) with the
+// configuration (chunk, tile).
 void chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const OptT& beta, const OptT& h0, const at::Tensor& o, const at::Tensor& ht,
-                   const OptT& states, const OptT& u, bool delta, int64_t stream) {
+                   const OptT& states, const OptT& u, int64_t chunk, int64_t tile, bool delta,
+                   int64_t stream) {
   const auto acc = acc_type(q);
   check_forward(q, k, v, o, ht, acc);
+  const auto sizes = sizes_of(q, k, v, beta, h0, o, ht, states, u);
   raise_on(fwp_chunk_forward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                              opt_ptr(beta, "beta", q, acc), opt_ptr(h0, "h0", q, acc),
                              o.data_ptr(), ht.data_ptr(),
                              const_cast<void*>(opt_ptr(states, "states", q, acc)),
                              const_cast<void*>(opt_ptr(u, "u", q, acc)), q.size(0), q.size(1),
                              static_cast<int>(q.size(2)), static_cast<int>(v.size(2)),
+                             static_cast<int>(chunk), static_cast<int>(tile), sizes.data(),
                              reinterpret_cast<void*>(stream)));
 }
 
@@ -135,8 +153,8 @@ void chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 void chunk_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const OptT& beta, const at::Tensor& dout, const at::Tensor& states,
                     const OptT& u, const OptT& dht, const at::Tensor& dq, const at::Tensor& dk,
-                    const OptT& dkb, const at::Tensor& dv, const OptT& dh0, bool delta,
-                    int64_t stream) {
+                    const OptT& dkb, const at::Tensor& dv, const OptT& dh0, int64_t chunk,
+                    int64_t tile, bool delta, int64_t stream) {
   const auto acc = acc_type(q);
   check_inputs(q, k, v, "v");
   check(dout, "dout", q, q.scalar_type());
@@ -144,13 +162,31 @@ void chunk_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   check(dq, "dq", q, acc);
   check(dk, "dk", q, acc);
   check(dv, "dv", q, acc);
+  const auto sizes = sizes_of(q, k, v, beta, dout, states, u, dht, dq, dk, dkb, dv, dh0);
   raise_on(fwp_chunk_backward(dtype_code(q), delta, q.data_ptr(), k.data_ptr(), v.data_ptr(),
                               opt_ptr(beta, "beta", q, acc), dout.data_ptr(), states.data_ptr(),
                               opt_ptr(u, "u", q, acc), opt_ptr(dht, "dht", q, acc), dq.data_ptr(),
                               dk.data_ptr(), const_cast<void*>(opt_ptr(dkb, "dkb", q, acc)),
                               dv.data_ptr(), const_cast<void*>(opt_ptr(dh0, "dh0", q, acc)),
                               q.size(0), q.size(1), static_cast<int>(q.size(2)),
-                              static_cast<int>(v.size(2)), reinterpret_cast<void*>(stream)));
+                              static_cast<int>(v.size(2)), static_cast<int>(chunk),
+                              static_cast<int>(tile), sizes.data(), reinterpret_cast<void*>(stream)));
+}
+
+// The chunk kernels' configurations for (Dk, Dv), in order of preference: (chunk, tile) pairs.
+std::vector<std::pair<int, int>> chunk_configs(int64_t Dk, int64_t Dv) {
+  int chunks[3], tiles[3];
+  const int n = fwp_chunk_configs(static_cast<int>(Dk), static_cast<int>(Dv), chunks, tiles);
+  std::vector<std::pair<int, int>> out;
+  for (int i = 0; i < n; ++i) out.emplace_back(chunks[i], tiles[i]);
+  return out;
+}
+
+// Shared memory per block of a chunk pass for inputs like `like` (its dtype), -1 if not compiled.
+int64_t chunk_smem(const at::Tensor& like, bool delta, bool backward, int64_t Dk, int64_t chunk,
+                   int64_t tile) {
+  return fwp_chunk_smem(dtype_code(like), delta, backward, static_cast<int>(Dk),
+                        static_cast<int>(chunk), static_cast<int>(tile));
 }
 
 }  // namespace
@@ -162,6 +198,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_grad", &qk_grad, "backward pass B (fills dq, dk; gated also lam)");
   m.def("chunk_forward", &chunk_forward, "chunk forward (fills o, ht, states, u)");
   m.def("chunk_backward", &chunk_backward, "chunk backward (fills dq, dk, dkb partials, dv, dh0)");
-  m.def("chunk_len", &fwp_chunk_len, "steps per chunk for a key size");
-  m.def("chunk_value_tile", &fwp_chunk_value_tile, "value columns per CTA for a value size");
+  m.def("chunk_configs", &chunk_configs, "(chunk, tile) configurations, preferred first");
+  m.def("chunk_smem", &chunk_smem, "shared memory per block of a chunk pass (kernels' own count)");
+  m.def("device_smem_optin", &fwp_device_smem_optin,
+        "the current device's opt-in shared memory per block (bounds every launch)");
 }

@@ -152,20 +152,49 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_bwd_kernel(ChunkBwdParams p
 }  // namespace
 }  // namespace fwp
 
+namespace fwp {
+long long chunk_backward_smem(int dtype, int delta, int Dk, int chunk, int tile) {
+  long long bytes = -1;
+  chunk_dispatch(dtype, Dk, chunk, tile, delta != 0, [&](auto cfg) -> const char* {
+    bytes = static_cast<long long>(BwdSmem<decltype(cfg)>(nullptr).bytes);
+    return nullptr;
+  });
+  return bytes;
+}
+}  // namespace fwp
+
 extern "C" const char* fwp_chunk_backward(int dtype, int delta, const void* q, const void* k,
                                           const void* v, const void* beta, const void* dout,
                                           const void* states, const void* u, const void* dht,
                                           void* dq, void* dk, void* dkb, void* dv, void* dh0,
-                                          long long BH, long long T, int Dk, int Dv,
-                                          void* stream) {
+                                          long long BH, long long T, int Dk, int Dv, int chunk,
+                                          int tile, const long long* sizes, void* stream) {
   using namespace fwp;
-  return chunk_entry(BH, T, Dk, Dv, [&]() -> const char* {
-    if (delta && (!beta || !u || !dkb)) return "fwp_chunk: the delta rule needs beta, u and dkb";
-    if (!states || !dq || !dk || !dv) return "fwp_chunk: states, dq, dk and dv are required";
-    return chunk_dispatch(dtype, Dk, value_tile(Dv), delta != 0, [&](auto cfg) -> const char* {
+  const ChunkShape s{BH, T, Dk, Dv, chunk, tile};
+  return chunk_entry(s, [&]() -> const char* {
+    const long long kq = BH * T * Dk, vo = BH * T * Dv, st = BH * Dk * Dv;
+    const long long part = s.ntiles() * BH * s.nc() * chunk * Dk;
+    constexpr const char* kPart = "(ceil(Dv / tile), BH, ceil(T / chunk) * chunk, Dk)";
+    if (const char* e = check_sizes(
+            "fwp_chunk_backward", sizes,
+            {{"q", q, kq, "(BH, T, Dk)", false},
+             {"k", k, kq, "(BH, T, Dk)", false},
+             {"v", v, vo, "(BH, T, Dv)", false},
+             {"beta", beta, BH * T, "(BH, T)", !delta},
+             {"dout", dout, vo, "(BH, T, Dv)", false},
+             {"states", states, BH * s.nc() * Dk * Dv, "(BH, ceil(T / chunk), Dk, Dv)", false},
+             {"u", u, vo, "(BH, T, Dv)", !delta},
+             {"dht", dht, st, "(BH, Dk, Dv)", true},
+             {"dq", dq, part, kPart, false},
+             {"dk", dk, part, kPart, false},
+             {"dkb", dkb, part, kPart, !delta},
+             {"dv", dv, vo, "(BH, T, Dv)", false},
+             {"dh0", dh0, st, "(BH, Dk, Dv)", true}}))
+      return e;
+    return chunk_dispatch(dtype, Dk, chunk, tile, delta != 0, [&](auto cfg) -> const char* {
       using Cf = decltype(cfg);
       ChunkBwdParams p{q, k, v, beta, dout, states, u, dht, dq, dk, delta ? dkb : nullptr, dv,
-                       dh0, BH, T, Dv, (Dv + Cf::BV - 1) / Cf::BV};
+                       dh0, BH, T, Dv, static_cast<int>(s.ntiles())};
       return chunk_launch(chunk_bwd_kernel<Cf>, p, BwdSmem<Cf>(nullptr).bytes, BH, p.ntiles, stream);
     });
   });

@@ -120,21 +120,57 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_fwd_kernel(ChunkFwdParams p
 }  // namespace
 }  // namespace fwp
 
-extern "C" int fwp_chunk_len(int Dk) { return fwp::chunk_len(Dk); }
-extern "C" int fwp_chunk_value_tile(int Dv) { return fwp::value_tile(Dv); }
+namespace fwp {
+long long chunk_forward_smem(int dtype, int delta, int Dk, int chunk, int tile) {
+  long long bytes = -1;
+  chunk_dispatch(dtype, Dk, chunk, tile, delta != 0, [&](auto cfg) -> const char* {
+    bytes = static_cast<long long>(FwdSmem<decltype(cfg)>(nullptr).bytes);
+    return nullptr;
+  });
+  return bytes;
+}
+}  // namespace fwp
+
+extern "C" int fwp_chunk_configs(int Dk, int Dv, int* chunks, int* tiles) {
+  fwp::ChunkConfig c[fwp::kMaxConfigs];
+  const int n = fwp::chunk_configs(Dk, Dv, c);
+  for (int i = 0; i < n; ++i) chunks[i] = c[i].chunk, tiles[i] = c[i].tile;
+  return n;
+}
+
+extern "C" long long fwp_chunk_smem(int dtype, int delta, int backward, int Dk, int chunk,
+                                    int tile) {
+  return backward ? fwp::chunk_backward_smem(dtype, delta, Dk, chunk, tile)
+                  : fwp::chunk_forward_smem(dtype, delta, Dk, chunk, tile);
+}
+
+extern "C" long long fwp_device_smem_optin() { return fwp::device_smem_optin(); }
 
 extern "C" const char* fwp_chunk_forward(int dtype, int delta, const void* q, const void* k,
                                          const void* v, const void* beta, const void* h0, void* o,
                                          void* ht, void* states, void* u, long long BH,
-                                         long long T, int Dk, int Dv, void* stream) {
+                                         long long T, int Dk, int Dv, int chunk, int tile,
+                                         const long long* sizes, void* stream) {
   using namespace fwp;
-  return chunk_entry(BH, T, Dk, Dv, [&]() -> const char* {
-    if (delta && !beta) return "fwp_chunk: the delta rule needs beta";
-    const int bv = value_tile(Dv);
-    return chunk_dispatch(dtype, Dk, bv, delta != 0, [&](auto cfg) -> const char* {
+  const ChunkShape s{BH, T, Dk, Dv, chunk, tile};
+  return chunk_entry(s, [&]() -> const char* {
+    const long long kq = BH * T * Dk, vo = BH * T * Dv, st = BH * Dk * Dv;
+    if (const char* e = check_sizes(
+            "fwp_chunk_forward", sizes,
+            {{"q", q, kq, "(BH, T, Dk)", false},
+             {"k", k, kq, "(BH, T, Dk)", false},
+             {"v", v, vo, "(BH, T, Dv)", false},
+             {"beta", beta, BH * T, "(BH, T)", !delta},
+             {"h0", h0, st, "(BH, Dk, Dv)", true},
+             {"o", o, vo, "(BH, T, Dv)", false},
+             {"ht", ht, st, "(BH, Dk, Dv)", true},
+             {"states", states, BH * s.nc() * Dk * Dv, "(BH, ceil(T / chunk), Dk, Dv)", true},
+             {"u", u, vo, "(BH, T, Dv)", true}}))
+      return e;
+    return chunk_dispatch(dtype, Dk, chunk, tile, delta != 0, [&](auto cfg) -> const char* {
       using Cf = decltype(cfg);
       ChunkFwdParams p{q, k, v, beta, h0, o, ht, states, delta ? u : nullptr, T, Dv,
-                       (Dv + Cf::BV - 1) / Cf::BV};
+                       static_cast<int>(s.ntiles())};
       return chunk_launch(chunk_fwd_kernel<Cf>, p, FwdSmem<Cf>(nullptr).bytes, BH, p.ntiles, stream);
     });
   });

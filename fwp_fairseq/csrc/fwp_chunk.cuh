@@ -20,18 +20,33 @@
 
 namespace fwp {
 
-// Chunk length: 64 steps, 32 for Dk >= 128, so that every variant's shared memory (at most about
-// 160 KB, the backward with Dk = 256) fits an sm_80 CTA (163 KB) and Dk = 128 runs two CTAs per
-// SM on sm_90.
+// The preferred configuration: chunks of 64 steps, 32 for Dk >= 128, and value tiles of 32
+// columns (16 for Dv = 16). Every variant's shared memory then fits an sm_80 or sm_90 CTA (163,
+// 227 KiB; at most 159 KiB, the delta rule's backward with Dk = 256) and Dk = 128 runs two CTAs
+// per SM on sm_90.
 constexpr int chunk_len(int Dk) { return Dk >= 128 ? 32 : 64; }
-// Value columns per CTA.
 constexpr int value_tile(int Dv) { return Dv >= 32 ? 32 : 16; }
 
-template <typename In, int DK_, int BV_, bool DELTA_>
+// The configurations compiled for a key size, in order of preference (chunk_configs): the
+// preferred one, the chunk halved, the chunk halved with 16-column tiles. The halved chunk is for
+// devices with 99 KiB per block (sm_86, sm_89): it brings every variant under it, Dk = 256 with
+// 16-column tiles (the table in README.md; tests/test_cuda_chunk.py checks every variant).
+constexpr int kMaxConfigs = 3;
+struct ChunkConfig { int chunk, tile; };
+inline int chunk_configs(int Dk, int Dv, ChunkConfig (&out)[kMaxConfigs]) {
+  const int c = chunk_len(Dk), t = value_tile(Dv);
+  int n = 0;
+  out[n++] = {c, t};
+  out[n++] = {c / 2, t};
+  if (t != 16) out[n++] = {c / 2, 16};
+  return n;
+}
+
+template <typename In, int DK_, int BV_, bool DELTA_, int C_>
 struct ChunkCfg {
   using in_t = In;
   using acc_t = typename Acc<In>::type;
-  static constexpr int DK = DK_, BV = BV_, C = chunk_len(DK_);
+  static constexpr int DK = DK_, BV = BV_, C = C_;
   static constexpr bool DELTA = DELTA_;
   // Leading dimensions: padded against bank conflicts, multiples of 16 bytes (WMMA).
   static constexpr int LK = DK + 8, LV = BV + 8, LC = C + 8;  // in_t arrays
@@ -125,15 +140,24 @@ FWP_DEVICE void solve_unit_triangular(A* x, int ld, const A* a, int lda, const A
 
 // ---- host side ----
 
-// f(ChunkCfg<In, DK, BV, DELTA>{}) for the runtime dtype, key size, value tile and rule.
+// f(ChunkCfg<In, DK, BV, DELTA, C>{}) for the runtime dtype, key size, chunk length, value tile
+// and rule; the chunk must be one of the key size's compiled lengths (chunk_configs).
 template <typename F>
-const char* chunk_dispatch(int dtype, int Dk, int bv, bool delta, F&& f) {
+const char* chunk_dispatch(int dtype, int Dk, int chunk, int bv, bool delta, F&& f) {
+  if (bv != 16 && bv != 32) return "fwp_chunk: the value tile must be 16 or 32";
   auto by_dtype = [&](auto tag) -> const char* {
     using In = typename decltype(tag)::type;
     auto by_dk = [&](auto dk) -> const char* {
-      constexpr int DK = decltype(dk)::value;
-      if (bv == 16) return delta ? f(ChunkCfg<In, DK, 16, true>{}) : f(ChunkCfg<In, DK, 16, false>{});
-      return delta ? f(ChunkCfg<In, DK, 32, true>{}) : f(ChunkCfg<In, DK, 32, false>{});
+      constexpr int DK = decltype(dk)::value, C0 = chunk_len(DK);
+      auto by_c = [&](auto c) -> const char* {
+        constexpr int C = decltype(c)::value;
+        if (bv == 16)
+          return delta ? f(ChunkCfg<In, DK, 16, true, C>{}) : f(ChunkCfg<In, DK, 16, false, C>{});
+        return delta ? f(ChunkCfg<In, DK, 32, true, C>{}) : f(ChunkCfg<In, DK, 32, false, C>{});
+      };
+      if (chunk == C0) return by_c(Len<C0>{});
+      if (chunk == C0 / 2) return by_c(Len<C0 / 2>{});
+      return "fwp_chunk: the chunk length must be one compiled for this Dk (fwp_chunk_configs)";
     };
     switch (Dk) {
       case 16: return by_dk(Len<16>{});
@@ -158,15 +182,28 @@ const char* chunk_dispatch(int dtype, int Dk, int bv, bool delta, F&& f) {
   }
 }
 
-// The size checks of both chunk entry points, then body(); errors come back as text.
+// The shapes one chunk launch assumes: BH heads of T steps, key size Dk, Dv value columns in
+// ntiles tiles, NC chunks (Tp = NC * chunk steps, the partials' padded length).
+struct ChunkShape {
+  long long BH, T;
+  int Dk, Dv, chunk, tile;
+  long long nc() const { return (T + chunk - 1) / chunk; }
+  long long ntiles() const { return (Dv + tile - 1) / tile; }
+};
+
+// The checks both chunk entry points share, then body(); errors come back as text.
 template <typename F>
-const char* chunk_entry(long long BH, long long T, int Dk, int Dv, F&& body) {
-  if (BH <= 0 || T <= 0 || Dk <= 0 || Dv <= 0) return "fwp_chunk: empty input";
-  if (Dv % 16 || Dv > 128) return "fwp_chunk: Dv must be a multiple of 16, at most 128 (pad)";
+const char* chunk_entry(const ChunkShape& s, F&& body) {
+  if (s.BH <= 0 || s.T <= 0 || s.Dk <= 0 || s.Dv <= 0) return "fwp_chunk: empty input";
+  if (s.Dk != 16 && s.Dk != 32 && s.Dk != 64 && s.Dk != 128 && s.Dk != 256)
+    return "fwp_chunk: Dk must be 16, 32, 64, 128 or 256 (pad to the next one)";
+  if (s.Dv % 16 || s.Dv > 128) return "fwp_chunk: Dv must be a multiple of 16, at most 128 (pad)";
+  if (s.chunk <= 0 || s.tile <= 0) return "fwp_chunk: chunk and tile must be positive";
   return errors_as_text(body);
 }
 
-// One CTA per (head, value tile); smem from the kernel's own Carver count.
+// One CTA per (head, value tile); smem from the kernel's own Carver count, bounded by the
+// device's opt-in shared memory (prepare_launch).
 template <typename K, typename P>
 const char* chunk_launch(K kernel, const P& p, size_t smem, long long BH, int ntiles, void* stream) {
   if (BH * ntiles > 2147483647LL) return "fwp_chunk: more (head, tile) blocks than one grid holds";
@@ -174,5 +211,10 @@ const char* chunk_launch(K kernel, const P& p, size_t smem, long long BH, int nt
   FWP_LAUNCH(kernel, BH * ntiles, smem, stream, p);
   return launch_error();
 }
+
+// Shared memory per block of one pass (chunk_fwd.cu, chunk_bwd.cu: the kernels' own counts), or
+// -1 for a configuration that is not compiled.
+long long chunk_forward_smem(int dtype, int delta, int Dk, int chunk, int tile);
+long long chunk_backward_smem(int dtype, int delta, int Dk, int chunk, int tile);
 
 }  // namespace fwp

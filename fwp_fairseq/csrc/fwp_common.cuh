@@ -21,7 +21,9 @@
 #include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #define FWP_DEVICE __device__ __forceinline__
-#define FWP_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// 128-byte aligned: WMMA loads and stores need 32-byte aligned tile pointers (fwp_mma.cuh), and
+// the chunk kernels' arrays sit at multiples of 128 bytes from this base (fwp_chunk.cuh's Carver).
+#define FWP_DECLARE_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #define FWP_SHFL_XOR(v, off) __shfl_xor_sync(0xffffffffu, (v), (off))
 #define FWP_SYNCWARP() __syncwarp()
 #endif

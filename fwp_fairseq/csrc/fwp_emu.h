@@ -2,8 +2,9 @@
 //
 // Each CUDA thread of a block is a std::thread; blocks run one after another. __syncthreads is a
 // block barrier, __shfl_xor_sync a warp barrier around an exchange slot, cp.async a memcpy.
-// Shared memory starts as NaN bytes between guard bands, so a read of never-written shared memory
-// shows up as NaN in the results and a write outside it fails the launch.
+// Shared memory is 128-byte aligned like the kernels' declaration and starts as NaN bytes between
+// guard bands, so a read of never-written shared memory shows up as NaN in the results and a write
+// outside it fails the launch; launches are bounded by an emulated opt-in shared memory per block.
 #pragma once
 
 #include <chrono>
@@ -12,9 +13,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -45,6 +48,14 @@ struct bf16 {
     return f;
   }
 };
+
+// The emulated device's opt-in shared memory per block, which fwp_launch.cuh bounds every launch
+// by: unbounded (the fp32/fp64 variants exist only here and need more than any GPU has) unless a
+// test plays a device class (fwp_emu_set_smem_optin).
+inline long long& smem_optin() {
+  static long long bytes = std::numeric_limits<long long>::max();
+  return bytes;
+}
 
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim3 tl_thread, tl_block;
@@ -80,28 +91,42 @@ struct Warp {
   unsigned char slot[32][8];
 };
 
-constexpr size_t kGuard = 64;
+// Guard bands; also the alignment of the shared-memory base (the kernels' __align__(128)).
+constexpr size_t kGuard = 128;
 
 struct Block {
-  Block(int threads, size_t smem) : bar(threads), warps(threads / 32), mem(smem + 2 * kGuard) {
-    std::memset(mem.data(), 0xA5, kGuard);
-    std::memset(mem.data() + kGuard, 0xFF, smem);  // all-ones bytes are NaN in fp32 and fp64
-    std::memset(mem.data() + kGuard + smem, 0xA5, kGuard);
+  Block(int threads, size_t smem) : bar(threads), warps(threads / 32), smem_(smem),
+                                    raw(smem + 2 * kGuard + kGuard) {
+    const auto addr = reinterpret_cast<uintptr_t>(raw.data());
+    lo = raw.data() + (kGuard - addr % kGuard) % kGuard;  // 128-aligned guard band, then smem
+    std::memset(lo, 0xA5, kGuard);
+    std::memset(lo + kGuard, 0xFF, smem);  // all-ones bytes are NaN in fp32 and fp64
+    std::memset(lo + kGuard + smem, 0xA5, kGuard);
   }
   bool guards_intact() const {
     for (size_t i = 0; i < kGuard; ++i)
-      if (mem[i] != 0xA5 || mem[mem.size() - 1 - i] != 0xA5) return false;
+      if (lo[i] != 0xA5 || lo[kGuard + smem_ + i] != 0xA5) return false;
     return true;
+  }
+  // A fault seen inside a thread (thrown from the launch once every thread has finished).
+  void report(const char* what) {
+    std::lock_guard<std::mutex> lock(fault_m);
+    if (fault.empty()) fault = what;
   }
   Barrier bar;
   std::vector<Warp> warps;
-  std::vector<unsigned char> mem;
+  size_t smem_;
+  std::vector<unsigned char> raw;
+  unsigned char* lo;
+  std::mutex fault_m;
+  std::string fault;
 };
 
 inline thread_local Block* tl_blk = nullptr;
 
-inline unsigned char* shared_memory() { return tl_blk->mem.data() + kGuard; }
+inline unsigned char* shared_memory() { return tl_blk->lo + kGuard; }
 inline void syncthreads() { tl_blk->bar.wait(); }
+inline void report(const char* what) { tl_blk->report(what); }
 
 template <typename T>
 T shfl_xor(T v, int off) {
@@ -135,6 +160,7 @@ void launch(long long grid, int threads, size_t smem, F&& body) {
     }
     for (auto& t : ts) t.join();
     if (!blk->guards_intact()) throw std::runtime_error("fwp_emu: shared-memory write out of bounds");
+    if (!blk->fault.empty()) throw std::runtime_error(blk->fault);
   }
 }
 

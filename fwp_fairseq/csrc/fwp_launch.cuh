@@ -3,6 +3,7 @@
 #pragma once
 
 #include <exception>
+#include <initializer_list>
 #include <string>
 
 #include "fwp_common.cuh"
@@ -29,11 +30,14 @@ const char* dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
     case kF32: return f(Tag<float>{});
     case kF64: return f(Tag<double>{});
-#ifndef FWP_EMU
+#ifdef FWP_EMU
+    case kF16: return f(Tag<::fwp_emu::f16>{});
+    case kBF16: return f(Tag<::fwp_emu::bf16>{});
+#else
     case kF16: return f(Tag<__half>{});
     case kBF16: return f(Tag<__nv_bfloat16>{});
 #endif
-    default: return "fwp: unsupported dtype (fp32, fp16, bf16, fp64 on the GPU; fp32, fp64 emulated)";
+    default: return "fwp: unsupported dtype (fp32, fp16, bf16, fp64)";
   }
 }
 
@@ -49,16 +53,49 @@ const char* dispatch_len(int n, F&& f) {
   return "fwp: feature dimension too large (Dk <= 512, Dv <= 256)";
 }
 
+// An error message built at run time (one per thread, valid until its next error).
+inline const char* error_text(const std::string& s) {
+  static thread_local std::string msg;
+  msg = s;
+  return msg.c_str();
+}
+
 // body(), with an exception's text (the emulator's too) returned as the error.
 template <typename F>
 const char* errors_as_text(F&& body) {
   try {
     return body();
   } catch (const std::exception& ex) {
-    static thread_local std::string msg;
-    msg = ex.what();
-    return msg.c_str();
+    return error_text(ex.what());
   }
+}
+
+// One pointer argument of an entry point: its name, the pointer (nullptr: not passed), the
+// element count the launch reads or writes through it, that count's shape (for the message), and
+// whether it may be left out.
+struct Buffer {
+  const char* name;
+  const void* ptr;
+  long long need;
+  const char* shape;
+  bool optional;
+};
+
+// The caller's element count of every pointer argument (sizes[i] for bufs[i], in the entry's
+// argument order) against what the launch assumes: a passed buffer of any other size is an error
+// before anything runs, so a wrong size never turns into an out-of-bounds read or write.
+inline const char* check_sizes(const char* who, const long long* sizes,
+                               std::initializer_list<Buffer> bufs) {
+  if (!sizes) return error_text(std::string(who) + ": the element counts (sizes) are required");
+  int i = 0;
+  for (const Buffer& b : bufs) {
+    const long long n = sizes[i++];
+    if (!b.ptr && !b.optional) return error_text(std::string(who) + ": " + b.name + " is required");
+    if (b.ptr && n != b.need)
+      return error_text(std::string(who) + ": " + b.name + " has " + std::to_string(n) +
+                        " elements, the launch needs " + std::to_string(b.need) + " = " + b.shape);
+  }
+  return nullptr;
 }
 
 // An entry point: the size checks the three share, then body(); errors come back as text.
@@ -71,13 +108,48 @@ const char* entry(long long BH, long long T, int Dk, int Dv, int ck_every, F&& b
   return errors_as_text(body);
 }
 
+// The current device's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+// 163 KiB on sm_80, 99 KiB on sm_86/sm_89, 227 KiB on sm_90); in the emulator a settable stand-in
+// (fwp_emu::smem_optin), so the CPU tests can play each device class.
 #ifdef FWP_EMU
-template <typename K> const char* prepare_launch(K, size_t) { return nullptr; }
+inline long long device_smem_optin() { return ::fwp_emu::smem_optin(); }
+}  // namespace fwp
+// The tests' handle on the emulated limit, in every emulator library (one merged inline copy).
+extern "C" inline __attribute__((used)) void fwp_emu_set_smem_optin(long long bytes) {
+  ::fwp_emu::smem_optin() = bytes;
+}
+namespace fwp {
+#else
+inline long long device_smem_optin() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the launch guard below then refuses any opt-in size
+    return 48 * 1024;
+  }
+  return bytes;
+}
+#endif
+
+// Every launch is bounded by the device's opt-in shared memory per block: a kernel that needs
+// more is refused with the numbers (the Python side picks a configuration that fits first,
+// ops/chunk_smem.py).
+inline const char* check_smem(size_t smem) {
+  const long long limit = device_smem_optin();
+  if (static_cast<long long>(smem) <= limit) return nullptr;
+  return error_text("fwp: the launch needs " + std::to_string(smem) +
+                    " bytes of shared memory per block, the device allows " +
+                    std::to_string(limit) + " (opt-in); use a smaller configuration");
+}
+
+#ifdef FWP_EMU
+template <typename K> const char* prepare_launch(K, size_t smem) { return check_smem(smem); }
 inline const char* launch_error() { return nullptr; }
 #else
 // Kernels above 48 KB of dynamic shared memory must opt in; report launch errors as text.
 template <typename K>
 const char* prepare_launch(K kernel, size_t smem) {
+  if (const char* e = check_smem(smem)) return e;
   if (smem > 48 * 1024) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)) != cudaSuccess)

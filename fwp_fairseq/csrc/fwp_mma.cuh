@@ -4,8 +4,10 @@
 // The kernels never index a fragment's registers: they only load fragments from memory, multiply
 // and store them (the WMMA contract: the register layout is opaque). So the emulator's fragment may
 // hold its whole 16x16 tile in every lane; its store writes each element from one lane only
-// (element e from lane e % 32), as a warp-collective store does. Emulated inputs are float or
-// double (no half type on the CPU): the emulator checks the algorithm and indexing, not rounding.
+// (element e from lane e % 32), as a warp-collective store does. Emulated inputs are fp16
+// (_Float16), bf16 (fwp_emu::bf16), float or double; the products accumulate in the accumulation
+// type in their own order (not the tensor cores' bit for bit). The emulator also enforces WMMA's
+// memory contract: tile pointers 32-byte aligned, leading dimensions multiples of 16 bytes.
 #pragma once
 
 #include "fwp_common.cuh"
@@ -28,9 +30,18 @@ template <typename In> using FragA = Frag<In>;
 template <typename In> using FragB = Frag<In>;
 template <typename In> using FragC = Frag<In>;
 
+// WMMA's requirements on a tile in memory (load_matrix_sync / store_matrix_sync).
+template <typename T> inline void check_tile(const T* p, long long ld) {
+  if (reinterpret_cast<uintptr_t>(p) % 32)
+    ::fwp_emu::report("fwp_emu: WMMA tile pointer not 32-byte aligned");
+  if ((ld * static_cast<long long>(sizeof(T))) % 16)
+    ::fwp_emu::report("fwp_emu: WMMA leading dimension not a multiple of 16 bytes");
+}
+
 // Element (r, c) of a tile at p with leading dimension ld, row- or column-major.
 template <bool COL, typename In, typename F>
 inline void load(F& f, const In* p, long long ld) {
+  check_tile(p, ld);
   for (int r = 0; r < kTile; ++r)
     for (int c = 0; c < kTile; ++c) f.x[r][c] = COL ? p[c * ld + r] : p[r * ld + c];
 }
@@ -48,6 +59,7 @@ template <typename In> inline void product(Frag<In>& c, const Frag<In>& a, const
 }
 template <typename In, typename A>
 inline void store(A* p, const Frag<In>& f, long long ld) {
+  check_tile(p, ld);
   const int lane = threadIdx.x % 32;
   for (int e = lane; e < kTile * kTile; e += 32) p[(e / kTile) * ld + e % kTile] = f.x[e / kTile][e % kTile];
 }

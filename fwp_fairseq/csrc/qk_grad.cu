@@ -181,13 +181,32 @@ extern "C" const char* fwp_qk_grad(int dtype, int delta, const void* q, const vo
                                    const void* dout, const void* u, const void* da, const void* a,
                                    const void* ht, const void* dht, const void* ckpt, void* dq,
                                    void* dk, void* dkr, void* lam, long long BH, long long T,
-                                   int Dk, int Dv, int ck_every, void* stream) {
+                                   int Dk, int Dv, int ck_every, const long long* sizes,
+                                   void* stream) {
   return fwp::entry(BH, T, Dk, Dv, ck_every, [&]() -> const char* {
     using namespace fwp;
     if (!u || !ckpt) return "fwp: qk_grad needs u and the checkpoints";
     if (!a && !ht) return "fwp: qk_grad needs the final state";
     if (a && (!lam || (delta && !dkr))) return "fwp: the gated qk_grad needs lam (and dkr, delta)";
     if (delta && !da) return "fwp: the delta rule needs da";
+    const long long kq = BH * T * Dk, vo = BH * T * Dv, st = BH * Dk * Dv;
+    if (const char* e = check_sizes(
+            "fwp_qk_grad", sizes,
+            {{"q", q, kq, "(BH, T, Dk)", false},
+             {"k", k, kq, "(BH, T, Dk)", false},
+             {"dout", dout, vo, "(BH, T, Dv)", false},
+             {"u", u, vo, "(BH, T, Dv)", false},
+             {"da", da, vo, "(BH, T, Dv)", true},
+             {"a", a, BH * T, "(BH, T)", true},
+             {"ht", ht, st, "(BH, Dk, Dv)", true},
+             {"dht", dht, st, "(BH, Dk, Dv)", true},
+             {"ckpt", ckpt, BH * ((T + ck_every - 1) / ck_every) * Dk * Dv,
+              "(BH, ceil(T / ck_every), Dk, Dv)", false},
+             {"dq", dq, kq, "(BH, T, Dk)", false},
+             {"dk", dk, kq, "(BH, T, Dk)", false},
+             {"dkr", dkr, kq, "(BH, T, Dk)", true},
+             {"lam", lam, kq, "(BH, T, Dk)", true}}))
+      return e;
     QkGradParams p{q, k, dout, u, da, a, ht, dht, ckpt, dq, dk, dkr, lam, T, Dk, Dv, ck_every, 0};
     return dispatch<256>(dtype, Dv, delta, a != nullptr, [&](auto c) {
       using C = decltype(c);

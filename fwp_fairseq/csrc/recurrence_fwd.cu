@@ -95,10 +95,24 @@ extern "C" const char* fwp_forward(int dtype, int delta, const void* q, const vo
                                    const void* v, const void* beta, const void* a,
                                    const void* h0, void* o, void* ht, void* ckpt, void* err,
                                    long long BH, long long T, int Dk, int Dv, int ck_every,
-                                   void* stream) {
+                                   const long long* sizes, void* stream) {
   return fwp::entry(BH, T, Dk, Dv, ck_every, [&]() -> const char* {
     using namespace fwp;
-    if (delta && !beta) return "fwp: the delta rule needs beta";
+    const long long kq = BH * T * Dk, vo = BH * T * Dv, st = BH * Dk * Dv;
+    if (const char* e = check_sizes(
+            "fwp_forward", sizes,
+            {{"q", q, kq, "(BH, T, Dk)", false},
+             {"k", k, kq, "(BH, T, Dk)", false},
+             {"v", v, vo, "(BH, T, Dv)", false},
+             {"beta", beta, BH * T, "(BH, T)", !delta},
+             {"a", a, BH * T, "(BH, T)", true},
+             {"h0", h0, st, "(BH, Dk, Dv)", true},
+             {"o", o, vo, "(BH, T, Dv)", false},
+             {"ht", ht, st, "(BH, Dk, Dv)", true},
+             {"ckpt", ckpt, BH * ((T + ck_every - 1) / ck_every) * Dk * Dv,
+              "(BH, ceil(T / ck_every), Dk, Dv)", true},
+             {"err", err, vo, "(BH, T, Dv)", true}}))
+      return e;
     FwdParams p{q, k, v, beta, a, h0, o, ht, ckpt, err, T, Dk, Dv, ck_every, 0};
     return dispatch<512>(dtype, Dk, delta, a != nullptr, [&](auto c) {
       using C = decltype(c);

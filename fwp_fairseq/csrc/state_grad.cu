@@ -73,10 +73,21 @@ __global__ void __launch_bounds__(kThreads) state_grad_kernel(StateGradParams p)
 extern "C" const char* fwp_state_grad(int dtype, int delta, const void* q, const void* k,
                                       const void* dout, const void* beta, const void* a,
                                       const void* dht, void* du, void* dh0, long long BH,
-                                      long long T, int Dk, int Dv, void* stream) {
+                                      long long T, int Dk, int Dv, const long long* sizes,
+                                      void* stream) {
   return fwp::entry(BH, T, Dk, Dv, 64, [&]() -> const char* {
     using namespace fwp;
-    if (delta && !beta) return "fwp: the delta rule needs beta";
+    const long long kq = BH * T * Dk, vo = BH * T * Dv, st = BH * Dk * Dv;
+    if (const char* e = check_sizes("fwp_state_grad", sizes,
+                                    {{"q", q, kq, "(BH, T, Dk)", false},
+                                     {"k", k, kq, "(BH, T, Dk)", false},
+                                     {"dout", dout, vo, "(BH, T, Dv)", false},
+                                     {"beta", beta, BH * T, "(BH, T)", !delta},
+                                     {"a", a, BH * T, "(BH, T)", true},
+                                     {"dht", dht, st, "(BH, Dk, Dv)", true},
+                                     {"du", du, vo, "(BH, T, Dv)", false},
+                                     {"dh0", dh0, st, "(BH, Dk, Dv)", true}}))
+      return e;
     StateGradParams p{q, k, dout, beta, a, dht, du, dh0, T, Dk, Dv, 0};
     return dispatch<512>(dtype, Dk, delta, a != nullptr, [&](auto c) {
       using C = decltype(c);

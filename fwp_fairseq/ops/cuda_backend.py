@@ -215,7 +215,7 @@ def _apply(ext, q, k, v, beta, initial_state, output_final_state, delta, g=None)
         o = o[..., :Dv]
     if not output_final_state:
         return o, None
-    return o, (ht[..., :Dk, :Dv] if pk or pv else ht)
+    return o, (ht[..., :Dk, :Dv].clone() if pk or pv else ht)  # owned: a view would keep the padded state
 
 
 def _extension(q):
@@ -238,13 +238,19 @@ def _run(q, k, v, beta, initial_state, output_final_state, delta, g, kernel):
     ext = _extension(q)
     if kernel == "sequential":
         return _apply(ext, q, k, v, beta, initial_state, output_final_state, delta, g)
-    from . import cuda_chunk
+    from . import chunk_smem, cuda_chunk
 
     ok, why = cuda_chunk.supports(q, v, g)
     if not ok:
         raise ValueError(f"kernel='chunk': {why}; use kernel='sequential'")
     with _device_of(q):
-        return cuda_chunk.apply_chunked(ext, q, k, v, beta, initial_state, output_final_state, delta)
+        config, why = cuda_chunk.choose_config(ext, q, k, v, beta, initial_state, delta)
+    if config is None:  # the device's shared memory per block is too small for every configuration
+        chunk_smem.log_fallback(why)
+        return _apply(ext, q, k, v, beta, initial_state, output_final_state, delta, g)
+    with _device_of(q):
+        return cuda_chunk.apply_chunked(ext, q, k, v, beta, initial_state, output_final_state, delta,
+                                        config)
 
 
 def sum_rule_cuda(q, k, v, initial_state=None, output_final_state=False, g=None,
