@@ -34,7 +34,7 @@ FAST = ["copy:2:mid", "replace:2:after", "copy:2:mid"]
 # saves, across the end of the epoch.
 FULL = ["step:1:before", "save:1:mid", "rename:1:before", "rename:1:after", "copy:1:mid",
         "copy:2:mid", "replace:2:before", "replace:2:after", "step:2:before", "save:2:mid",
-        "copy:3:mid", "replace:4:before", "rename:3:after"]
+        "copy:3:mid", "replace:1:before", "rename:1:after"]
 
 
 def train(data, save, moment=None):
@@ -101,6 +101,7 @@ def test_killed_runs_resume_identically(tiny_lm_corpus, tmp_path, uninterrupted)
 @pytest.mark.slow
 def test_killed_runs_resume_identically_at_every_moment(tiny_lm_corpus, tmp_path, uninterrupted):
     restored = kill_and_resume(tiny_lm_corpus / "lm-bin", tmp_path, FULL, uninterrupted[0])
+    print("restored from updates", restored)
     assert len(FULL) >= 10 and restored[-1] > 0
 
 
