@@ -12,8 +12,8 @@ import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
 from fwp_fairseq.compat import (atomic_checkpoint_copy, checkpoint_loading,  # noqa: E402
-                                distributed_objects, eval_last_batch, numpy2, torch_proxy,
-                                torchrun_cpu)
+                                distributed_objects, eval_last_batch, numpy2, resume_batches,
+                                torch_proxy, torchrun_cpu)
 
 
 def test_checkpoint_loading_patches_fairseqs_torch_load():
@@ -91,3 +91,15 @@ def test_eval_last_batch_wraps_fairseqs_batching():
     assert data_utils._fwp_eval_last_batch
     for patched in (data_utils.batch_by_size, Trainer.get_train_iterator):
         assert patched.__code__.co_filename == eval_last_batch.__file__, patched.__qualname__
+
+
+def test_resume_batches_wraps_fairseqs_batch_iterator():
+    from fairseq.tasks.fairseq_task import FairseqTask
+    params = inspect.signature(FairseqTask.get_batch_iterator).parameters
+    for name in ("dataset", "seed", "epoch", "disable_iterator_cache", "update_epoch_batch_itr"):
+        assert name in params, f"FairseqTask.get_batch_iterator has no argument {name}"
+    assert "seed=seed" in inspect.getsource(inspect.unwrap(FairseqTask.get_batch_iterator)), \
+        "the iterator no longer takes the shuffling seed: the shim's itr.seed fix-up is wrong"
+    if not resume_batches.needed():
+        pytest.skip("this fairseq makes a reused iterator's batches independently of its creation epoch")
+    assert FairseqTask.get_batch_iterator._fwp_resume_batches

@@ -7,6 +7,7 @@ modules, so these runs use --ddp-backend legacy_ddp (fairseq's own gradient all-
 tolerates unused parameters. What pytorch_ddp (GPU) needs, that every parameter gets a gradient
 (find_unused_parameters is off by default), is checked in-process below."""
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("fairseq")
-from helpers import COMMON, TRAIN, build, random_tokens  # noqa: E402
+from helpers import COMMON, TRAIN, build, random_tokens, run  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +35,7 @@ def torchrun(data, dump, arch, kernel, update):
     p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=900)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
+    torchrun.output = out
     return [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
 
 
@@ -87,3 +89,17 @@ def test_every_parameter_gets_a_gradient(arch, kernel, update):
     out.float().logsumexp(-1).sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
+
+
+@pytest.mark.slow
+def test_two_workers_resume_through_rank_0(tiny_lm_corpus, tmp_path):
+    """Rank 0 loads checkpoint_last.pt (weights-only, compat/checkpoint_loading.py) and sends it
+    to the other worker, which unpickles the job's own bytes in full (compat/distributed_objects.py):
+    both go on from the checkpoint's update and end identical."""
+    data = tiny_lm_corpus / "lm-bin"
+    run("fairseq-train", data, *COMMON, *TRAIN, "--task", "language_modeling", "--tokens-per-sample", "32",
+        "--sample-break-mode", "none", "--arch", "fwp_lm_tiny", "--fwp-kernel", "performer",
+        "--fwp-update", "delta", "--fwp-performer-features", "8", "--max-tokens", "128",
+        "--max-update", str(UPDATES - 1), "--save-dir", tmp_path)
+    check_identical(torchrun(data, tmp_path, "fwp_lm_tiny", "performer", "delta"))
+    assert re.search(rf"[Ll]oaded checkpoint .* \(epoch 1 @ {UPDATES - 1} updates\)", torchrun.output)

@@ -3,7 +3,6 @@ whose unpickling would create a file is refused by the Python API and by every f
 loads one, and the file is not created; every legitimate checkpoint still loads, with exactly
 the contents a full (trusted) load gives."""
 import builtins
-import os
 
 import pytest
 import torch
