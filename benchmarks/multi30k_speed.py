@@ -75,7 +75,7 @@ def generate_speed(root, row, data, ckpt_dir, threads, gen_len, shards):
 
 def markdown(res):
     c = res["config"]
-    L = [f"Multi30k De-En, run_multi30k.sh rows, {c['threads']} thread(s), {c['updates']} updates; "
+    L = [f"Multi30k De-En, run_multi30k.sh rows, {c['threads']} thread(s), {c['updates'] or 'no'} updates; "
          f"'other' = {c['other'] or '-'}", "",
          "| row | train wps, other | train wps, this | this / other | this / softmax (this) |",
          "|---|---|---|---|---|"]
@@ -116,7 +116,7 @@ def main(argv=None):
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
     other = None if args.other is None else os.path.abspath(args.other)
     roots = ([("other", other)] if other else []) + [("this", ROOT)]
-    res = {"config": {"updates": args.updates, "threads": args.threads, "gen_len": args.gen_len,
+    res = {"config": {"updates": None if args.gen_only else args.updates, "threads": args.threads, "gen_len": args.gen_len,
                       "gen_shards": args.gen_shards, "other": other}, "train": {}, "generate": {}, "same_hypotheses": {}}
     for row in [] if args.gen_only else args.rows:
         res["train"][row] = {name: train_wps(root, row, data, os.path.join(out, name), args.updates,
