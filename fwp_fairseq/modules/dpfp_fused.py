@@ -78,4 +78,6 @@ class _DPFPSumNormalised(torch.autograd.Function):
 def dpfp_sum_normalised(x, nu, eps):
     """phi(x) / (sum phi(x) + eps) for DPFP of order nu, x (..., D) -> (..., 2 D nu), computed in
     fp32 for half inputs and returned in x's dtype."""
+    if not 1 <= nu < 2 * x.size(-1):
+        raise ValueError(f"nu: the fused DPFP needs 1 <= nu < 2 * head_dim = {2 * x.size(-1)}, got {nu}")
     return _DPFPSumNormalised.apply(x, nu, eps)
