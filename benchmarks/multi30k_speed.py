@@ -7,6 +7,7 @@
    hypothesis pinned to --gen-len tokens (--min-len = --max-len-b, --max-len-a 0), so that rows
    whose briefly trained models stop at other lengths are timed on the same work. Sentences/s as
    fairseq-generate reports it. Quality is irrelevant here: the models are barely trained.
+   With --other, whether both checkouts wrote the same hypotheses (H- lines) is recorded too.
 
 Rows run one after another in one process; with --other ROOT (a second checkout, e.g. the
 previous commit unpacked with `git archive`), each row runs there first, then here, so that a
@@ -14,7 +15,7 @@ drifting machine load hits both alike.
 
     python benchmarks/multi30k_speed.py --data data-bin/multi30k [--other DIR] [--rows softmax dpfp]
         [--updates 40] [--threads 1] [--gen-rows softmax linear dpfp] [--gen-len 20] [--gen-shards 1]
-        [--out DIR]
+        [--gen-only] [--out DIR]
 
 Writes <out>/speed.md and <out>/speed.json (default out: results/multi30k_speed)."""
 import argparse
@@ -52,8 +53,9 @@ def train_wps(root, row, data, out, updates, threads):
 
 
 def generate_speed(root, row, data, ckpt_dir, threads, gen_len, shards):
-    """(sentences/s, tokens/s) of fairseq-generate beam 5, batch 64, hypotheses of gen_len tokens,
-    on the first of `shards` shards of the test split (fairseq's --num-shards: every shards-th batch)."""
+    """(sentences/s, tokens/s, hypotheses) of fairseq-generate beam 5, batch 64, hypotheses of
+    gen_len tokens, on the first of `shards` shards of the test split (fairseq's --num-shards:
+    every shards-th batch); hypotheses: the sorted (H-id, tokens) pairs."""
     cmd = [os.path.join(BIN, "fairseq-generate"), data, "--user-dir", os.path.join(root, "fwp_fairseq"),
            "--task", "translation", "--source-lang", "de", "--target-lang", "en",
            "--path", os.path.join(ckpt_dir, "checkpoint_last.pt"), "--gen-subset", "test",
@@ -65,12 +67,15 @@ def generate_speed(root, row, data, ckpt_dir, threads, gen_len, shards):
                   r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", p.stdout + p.stderr)
     if p.returncode != 0 or m is None:
         raise RuntimeError(f"fairseq-generate failed for {row}:\n{(p.stdout + p.stderr)[-3000:]}")
-    return float(m.group(3)), float(m.group(4))
+    # "H-<id>\t<score>\t<tokens>": compare the tokens (scores may differ in the last printed digit)
+    hyps = sorted((f[0], f[-1]) for f in (line.split("\t") for line in p.stdout.splitlines())
+                  if f[0].startswith("H-"))
+    return float(m.group(3)), float(m.group(4)), hyps
 
 
 def markdown(res):
     c = res["config"]
-    L = [f"Multi30k De-En, run_multi30k.sh rows, {c['threads']} thread(s), {c['updates']} updates; "
+    L = [f"Multi30k De-En, run_multi30k.sh rows, {c['threads']} thread(s), {c['updates'] or 'no'} updates; "
          f"'other' = {c['other'] or '-'}", "",
          "| row | train wps, other | train wps, this | this / other | this / softmax (this) |",
          "|---|---|---|---|---|"]
@@ -82,12 +87,15 @@ def markdown(res):
     if res["generate"]:
         L += ["", f"fairseq-generate beam 5, batch 64, test (1/{c['gen_shards']} of its batches, {c['gen_len']} "
               "tokens per hypothesis), sentences/s", "",
-              "| row | other | this | this / other | this / softmax (this) |", "|---|---|---|---|---|"]
+              "| row | other | this | this / other | this / softmax (this) | same hypotheses |",
+              "|---|---|---|---|---|---|"]
         soft = res["generate"].get("softmax", {}).get("this")
         for row, r in res["generate"].items():
             o, t = r.get("other"), r["this"]
+            same = res.get("same_hypotheses", {}).get(row)
             L.append(f"| {row} | {'-' if o is None else f'{o:.1f}'} | {t:.1f} | "
-                     f"{'-' if o is None else f'{t / o:.2f}x'} | {'-' if soft is None else f'{t / soft:.2f}x'} |")
+                     f"{'-' if o is None else f'{t / o:.2f}x'} | {'-' if soft is None else f'{t / soft:.2f}x'} | "
+                     f"{'-' if same is None else ('yes' if same else 'NO')} |")
     return "\n".join(L) + "\n"
 
 
@@ -101,14 +109,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gen-len", type=int, default=20)
     ap.add_argument("--gen-shards", type=int, default=1, help="time 1 / N of the test split")
+    ap.add_argument("--gen-only", action="store_true",
+                    help="no training: generate with the checkpoints an earlier run left in --out")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "multi30k_speed"))
     args = ap.parse_args(argv)
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
     other = None if args.other is None else os.path.abspath(args.other)
     roots = ([("other", other)] if other else []) + [("this", ROOT)]
-    res = {"config": {"updates": args.updates, "threads": args.threads, "gen_len": args.gen_len,
-                      "gen_shards": args.gen_shards, "other": other}, "train": {}, "generate": {}}
-    for row in args.rows:
+    res = {"config": {"updates": None if args.gen_only else args.updates, "threads": args.threads, "gen_len": args.gen_len,
+                      "gen_shards": args.gen_shards, "other": other}, "train": {}, "generate": {}, "same_hypotheses": {}}
+    for row in [] if args.gen_only else args.rows:
         res["train"][row] = {name: train_wps(root, row, data, os.path.join(out, name), args.updates,
                                              args.threads) for name, root in roots}
         print(json.dumps({row: res["train"][row]}), flush=True)
@@ -116,9 +126,11 @@ def main(argv=None):
         ckpt = os.path.join(out, "this", row, "checkpoints")  # the same model for both checkouts
         if not os.path.exists(os.path.join(ckpt, "checkpoint_last.pt")):
             raise SystemExit(f"--gen-rows {row}: not trained here (add it to --rows)")
-        res["generate"][row] = {name: generate_speed(root, row, data, ckpt, args.threads, args.gen_len,
-                                                     args.gen_shards)[0]
-                                for name, root in roots}
+        runs = {name: generate_speed(root, row, data, ckpt, args.threads, args.gen_len, args.gen_shards)
+                for name, root in roots}
+        res["generate"][row] = {name: r[0] for name, r in runs.items()}
+        if other:
+            res["same_hypotheses"][row] = runs["other"][2] == runs["this"][2]
         print(json.dumps({row: res["generate"][row]}), flush=True)
     md = markdown(res)
     os.makedirs(out, exist_ok=True)

@@ -73,6 +73,16 @@ def test_fused_half_inputs_computed_in_fp32(dtype):
     assert xh.grad.dtype == dtype
 
 
+def test_orders_of_a_full_turn_use_the_formula():
+    """nu >= 2 D shifts by a full turn or more: the map keeps the formula, the fused function
+    refuses with an error naming nu."""
+    x = inputs(torch.float64, shape=(2, 3, 4, 2))
+    fm = DPFPFeatureMap(2, 4)
+    torch.testing.assert_close(fm.normalised(x, "sum", EPS), formula(x, 4), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="nu"):
+        dpfp_sum_normalised(x, 4, EPS)
+
+
 def test_layer_features_are_the_formula():
     """FastWeightAttention's DPFP features (sum-normalised) come from the fused function and
     equal the formula, gradients included (fp64)."""

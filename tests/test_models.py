@@ -213,6 +213,17 @@ def test_beam_search_scores_match_rescoring(arch, kernel, update):
 
 
 
+def test_sequence_generator_sets_the_beam_size_of_encoder_decoder_attention():
+    """fairseq's SequenceGenerator tells the model its beam size only through the model's own
+    set_beam_size (fairseq's TransformerModel has none): fwp_transformer passes it on to the
+    fast-weight encoder-decoder attention, which then shares its memory between beams."""
+    from fairseq.sequence_generator import SequenceGenerator
+    model, d = build("fwp_transformer_tiny", kernel_args("linear", "sum"))
+    SequenceGenerator([model], d, beam_size=4)
+    cross = [a for a in fast_layers(model) if a.encoder_decoder_attention]
+    assert cross and all(a.beam_size == 4 for a in cross)
+    assert all(a.beam_size == 1 for a in fast_layers(model) if not a.encoder_decoder_attention)
+
 @pytest.mark.slow  # two beam searches and rescorings: ~20 s on an idle 2-core machine
 @pytest.mark.parametrize("kernel", ["dpfp", "linear"])
 def test_beam_search_same_with_memory_shared_by_beams(kernel, monkeypatch):
@@ -222,7 +233,15 @@ def test_beam_search_same_with_memory_shared_by_beams(kernel, monkeypatch):
     from fwp_fairseq.modules import fast_weight_attention
     model, d = build("fwp_transformer_tiny", kernel_args(kernel, "sum"))
     _train_copy(model, d, False)
+    picked = []
+
+    def spy(*args):
+        picked.append(fast_weight_attention.one_row_per_sentence.__wrapped__(*args))
+        return picked[-1]
+    spy.__wrapped__ = fast_weight_attention.one_row_per_sentence
+    monkeypatch.setattr(fast_weight_attention, "one_row_per_sentence", spy)
     shared = beam_search_matches_rescoring(model, d, False, beam_size=4, max_len_b=9)
+    assert picked and all(p is not None for p in picked)  # every layer shared its memory
     monkeypatch.setattr(fast_weight_attention, "one_row_per_sentence", lambda *args: None)
     per_beam = beam_search_matches_rescoring(model, d, False, beam_size=4, max_len_b=9)
     for a, b in zip(shared, per_beam):

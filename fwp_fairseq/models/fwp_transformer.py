@@ -12,6 +12,7 @@ from fairseq.models.transformer import (
     transformer_vaswani_wmt_en_de_big,
 )
 
+from ..modules.fast_weight_attention import FastWeightAttention
 from .fwp_options import (FwpTransformerFields, add_fwp_args, fwp_options, install_fast_weights,
                           set_defaults, set_fwp_defaults)
 
@@ -30,6 +31,14 @@ class FwpTransformerModel(TransformerModel):
         model = super().build_model(args, task)
         install_fast_weights(opts, model.encoder, model.decoder)
         return model
+
+    def set_beam_size(self, beam_size):
+        """fairseq's SequenceGenerator calls this with its beam size (> 1), on models that have it
+        (fairseq's own TransformerModel has not): the fast-weight encoder-decoder attention then
+        keeps one memory per sentence instead of one per beam (modules/beam_memory.py)."""
+        for module in self.decoder.modules():
+            if isinstance(module, FastWeightAttention) and module.encoder_decoder_attention:
+                module.set_beam_size(beam_size)
 
 
 @register_model_architecture("fwp_transformer", "fwp_transformer")

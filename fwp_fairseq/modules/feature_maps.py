@@ -95,7 +95,8 @@ class DPFPFeatureMap(FeatureMap):
     def normalised(self, x, phi_norm, eps):
         # Sum-normalised (the paper's DPFP): one fused autograd function, equal to the formula
         # above followed by sum_normalize but without its intermediates (dpfp_fused.py).
-        if phi_norm == "sum":
+        # (nu >= 2 D would shift by a full turn or more: left to the formula's roll.)
+        if phi_norm == "sum" and self.nu < 2 * self.head_dim:
             return dpfp_sum_normalised(x, self.nu, eps)
         return super().normalised(x, phi_norm, eps)
 
