@@ -17,6 +17,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from ..modules.fast_weight_attention import FastWeightAttention
 from ..modules.feature_maps import FEATURE_MAPS, resolve_normalisation
 from ..modules.gate import BETA_RANGES, GATES
+from ..modules.output_norm import OUTPUT_NORMS, check_output_norm
 from ..ops import IMPLS, UPDATES
 
 # --fwp-kernel: "softmax" keeps fairseq's MultiheadAttention; the other choices are feature maps.
@@ -89,6 +90,17 @@ class FwpFields(FairseqDataclass):
                                       "that keep fairseq's softmax attention (self-attention and, in "
                                       "fwp_transformer, encoder-decoder attention); fast weights "
                                       "elsewhere"})
+    fwp_short_conv: int = field(
+        default=_layer_default("short_conv"),
+        metadata={"help": "kernel size K of a causal depthwise convolution over time, then SiLU, on "
+                          "each of the q, k, v projections of causal fast-weight self-attention (as "
+                          "in DeltaNet and Gated DeltaNet, Yang et al. 2024, 2025; 4 is usual); 0: off"})
+    fwp_output_norm: ChoiceEnum(OUTPUT_NORMS) = field(
+        default=_layer_default("output_norm"),
+        metadata={"help": "per-head RMS norm (learned scale) of every fast-weight read-out before the "
+                          "output projection; 'rms-gated' also multiplies it by SiLU(W_g x), a new "
+                          "projection of the layer input (Gated DeltaNet). It divides out the "
+                          "attention normaliser, which it turns off (with --fwp-attn-normalize: error)"})
 
 
 @dataclass
@@ -124,6 +136,8 @@ class FwpOptions:
     beta_range: str
     softmax_layers: tuple  # decoder layers that keep fairseq's attention
     softmax_encoder_layers: tuple
+    short_conv: int = 0
+    output_norm: str = "none"
 
     @property
     def fast(self):
@@ -177,6 +191,15 @@ def _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm):
                        "1 - beta |phi(k)|^2 cannot reach -1 (no reflection)")
 
 
+def _check_conv_and_norm(kernel, short_conv, output_norm):
+    """--fwp-short-conv / --fwp-output-norm act on fast-weight attention."""
+    if short_conv < 0:
+        raise ValueError(f"--fwp-short-conv: kernel size must be >= 0 (0: off), got {short_conv}")
+    if kernel == "softmax" and (short_conv or output_norm != "none"):
+        flag = "--fwp-short-conv" if short_conv else "--fwp-output-norm"
+        raise ValueError(f"{flag}: --fwp-kernel softmax keeps fairseq's attention, which has none")
+
+
 def fwp_options(args):
     """Validate the --fwp-* flags of a model's args (Namespace or DictConfig) -> FwpOptions.
     Errors name the flag; a flag missing from args takes its dataclass default."""
@@ -205,6 +228,10 @@ def fwp_options(args):
     if beta_range not in BETA_RANGES:
         raise ValueError(f"--fwp-beta-range: expected one of {', '.join(BETA_RANGES)}, got {beta_range!r}")
     _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm)
+    short_conv, output_norm = int(get("fwp_short_conv")), str(get("fwp_output_norm"))
+    _check_conv_and_norm(kernel, short_conv, output_norm)
+    attn_norm = check_output_norm(output_norm, attn_norm, names={
+        "output_norm": "--fwp-output-norm", "attn_normalize": "--fwp-attn-normalize"})
     # The layers resolve the defaults; contradictions fail here, at start-up, naming the flag.
     resolve_normalisation(kernel, update, attn_norm, sum_norm, l2_norm, names=FLAGS)
     if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
@@ -226,6 +253,7 @@ def fwp_options(args):
         gate=gate, beta_range=beta_range,
         softmax_layers=_layer_list(get("fwp_softmax_layers"), "--fwp-softmax-layers"),
         softmax_encoder_layers=_layer_list(get("fwp_softmax_encoder_layers"), "--fwp-softmax-encoder-layers"),
+        short_conv=short_conv, output_norm=output_norm,
     )
 
 
@@ -237,7 +265,8 @@ def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=F
         update=opts.update, dpfp_nu=opts.dpfp_nu, performer_features=opts.performer_features,
         attn_normalize=opts.attn_normalize, sum_norm=opts.sum_norm, l2_norm=opts.l2_norm,
         seed=opts.seed * 10_007 + seed_offset, impl=opts.impl,
-        gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit")
+        gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit",
+        short_conv=opts.short_conv if causal else 0, output_norm=opts.output_norm)
 
 
 def _check_layer_indices(indices, layers, flag):
@@ -257,8 +286,9 @@ def install_fast_weights(opts, encoder=None, decoder=None):
                          "--fwp-softmax-encoder-layers")
     _check_layer_indices(opts.softmax_layers, getattr(decoder, "layers", None), "--fwp-softmax-layers")
     fast_causal = opts.decoder_self_attn and decoder is not None and len(opts.softmax_layers) < len(decoder.layers)
-    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit"):
-        flag = "--fwp-gate" if opts.gate != "none" else "--fwp-beta-range"
+    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit" or opts.short_conv):
+        flag = ("--fwp-gate" if opts.gate != "none" else
+                "--fwp-beta-range" if opts.beta_range != "unit" else "--fwp-short-conv")
         raise ValueError(f"{flag}: acts on fast-weight decoder self-attention, and no decoder layer has it")
     if encoder is not None and opts.encoder_self_attn:
         for i, layer in enumerate(encoder.layers):

@@ -30,6 +30,8 @@ from .carried_state import CarriedState, CarriesState
 from .feature_maps import (FEATURE_MAPS, PHI_NORMS, FavorFeatureMap, build_feature_map,
                            resolve_normalisation)
 from .gate import BETA_SCALE, ScalarGate, check_gate_options, decayed_cumsum
+from .output_norm import OutputNorm, check_output_norm
+from .short_conv import ShortConvolution
 from .precision import recurrence_dtype, to_accumulation
 
 
@@ -37,12 +39,15 @@ from .precision import recurrence_dtype, to_accumulation
 class FastWeightAttention(CarriesState, nn.Module):
     """feature_map: a name in FEATURE_MAPS; update: the rule of causal attention ("sum" or
     "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default);
-    gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py."""
+    gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py;
+    short_conv (kernel, 0: none), causal self-attention only: short_conv.py; output_norm ("none",
+    "rms", "rms-gated"): output_norm.py (with it, the attention normaliser is off)."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, feature_map="linear", update="sum",
                  dpfp_nu=1, performer_features=16, attn_normalize=None, sum_norm=None,
-                 l2_norm=False, seed=1, impl="auto", eps=1e-5, gate="none", beta_range="unit"):
+                 l2_norm=False, seed=1, impl="auto", eps=1e-5, gate="none", beta_range="unit",
+                 short_conv=0, output_norm="none"):
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim: {embed_dim} must be divisible by num_heads ({num_heads})")
@@ -67,6 +72,9 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.update = update if causal else "sum"
         check_gate_options(gate, beta_range, self.update, causal)
         self.beta_range = beta_range
+        attn_normalize = check_output_norm(output_norm, attn_normalize)
+        if short_conv and not causal:
+            raise ValueError("short_conv: only causal self-attention has one (0 turns it off)")
         self.attn_normalize, self.phi_norm = resolve_normalisation(
             feature_map, self.update, attn_normalize, sum_norm, l2_norm)
         self.impl = impl
@@ -80,9 +88,13 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.beta_proj = nn.Linear(embed_dim, num_heads, bias=False) if self.update == "delta" else None
         # No parameters without the gate: the paper's checkpoints keep their keys.
         self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
+        self.short_conv = ShortConvolution(3 * embed_dim, short_conv) if short_conv else None
+        self.output_norm = (OutputNorm(output_norm, embed_dim, num_heads, self.head_dim, eps)
+                            if output_norm != "none" else None)
         self.num_updates = 0
         self.carry_state = False  # set_carry_state
         self._carried = CarriedState()
+        self._carried_conv = CarriedState()  # the short convolution's last inputs
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -102,6 +114,9 @@ class FastWeightAttention(CarriesState, nn.Module):
                 f"d_dot={self.feature_map.out_dim}, gate={'none' if self.gate is None else 'scalar'}, "
                 f"beta_range={self.beta_range}")
 
+    def _carried_states(self):
+        return (self._carried, self._carried_conv)
+
     # -- fairseq hooks -------------------------------------------------------------------
     def set_num_updates(self, num_updates):
         """Called by the trainer at every update: FAVOR+ draws number `num_updates` in training."""
@@ -118,13 +133,15 @@ class FastWeightAttention(CarriesState, nn.Module):
         return self.set_incremental_state(incremental_state, "fw_state", buffer)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        """Beam search: select (and possibly drop) rows of the batch in every cached tensor."""
-        buffer = self._get_input_buffer(incremental_state)
-        if buffer:
-            for key, value in buffer.items():
-                if value is not None:
-                    buffer[key] = value.index_select(0, new_order)
-            incremental_state = self._set_input_buffer(incremental_state, buffer)
+        """Beam search: select (and possibly drop) rows of the batch in every cached tensor
+        (the fast weights' state and the short convolution's tail)."""
+        for name in ("fw_state", "conv_tail"):
+            buffer = self.get_incremental_state(incremental_state, name)
+            if buffer:
+                for key, value in buffer.items():
+                    if value is not None:
+                        buffer[key] = value.index_select(0, new_order)
+                incremental_state = self.set_incremental_state(incremental_state, name, buffer)
         return incremental_state
 
     # -- forward -------------------------------------------------------------------------
@@ -149,6 +166,8 @@ class FastWeightAttention(CarriesState, nn.Module):
         # would run the recurrence's products in half and cast the fp32 state and normalisers down.
         qp = self.q_proj(query)
         kv = None if key is None else (self.k_proj(key), self.v_proj(value))
+        if self.short_conv is not None:
+            qp, kv = self._convolve(qp, *kv, key_padding_mask, incremental_state)
         dev = query.device.type
         with torch.autocast(dev, enabled=False):
             q = self._phi(self._heads(qp, bsz))
@@ -159,6 +178,8 @@ class FastWeightAttention(CarriesState, nn.Module):
                 out = self._causal(q, query, k, v, incremental_state)
             else:
                 out = self._noncausal(q, k, v, incremental_state if static_kv else None)
+            if self.output_norm is not None:
+                out = self.output_norm(out, query)
         out = out.to(qp.dtype).permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         return self.out_proj(out), None
 
@@ -174,6 +195,22 @@ class FastWeightAttention(CarriesState, nn.Module):
             if key_padding_mask is not None and tuple(key_padding_mask.shape) != (key.size(1), key.size(0)):
                 raise ValueError(f"key_padding_mask: expected {(key.size(1), key.size(0))}, "
                                  f"got {tuple(key_padding_mask.shape)}")
+
+    def _convolve(self, qp, kp, vp, key_padding_mask, incremental_state):
+        """--fwp-short-conv: q, k, v projections through the causal convolution, continuing
+        from the tail that decoding or the carried state kept (none: zeros before the start)."""
+        tail = None
+        if incremental_state is not None:
+            tail = (self.get_incremental_state(incremental_state, "conv_tail") or {}).get("tail")
+        elif self.carry_state:
+            tail, _ = self._carried_conv.load(self._carry_slot(), qp.size(1))
+        y, tail = self.short_conv(torch.cat([qp, kp, vp], dim=-1), tail, key_padding_mask)
+        if incremental_state is not None:
+            self.set_incremental_state(incremental_state, "conv_tail", {"tail": tail})
+        elif self.carry_state:
+            self._carried_conv.store(self._carry_slot(), tail, None)
+        q, k, v = y.split(self.embed_dim, dim=-1)
+        return q, (k, v)
 
     def _heads(self, x, bsz):
         """(T, B, H*D) -> (B, H, T, D)."""
