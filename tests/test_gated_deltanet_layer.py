@@ -58,6 +58,18 @@ def test_short_conv_is_causal_depthwise_then_silu_and_continues_from_its_tail():
         out, tail = conv(chunk, tail)
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts), y, rtol=1e-12, atol=1e-12)
+    # the hand-written backward: gradients to the input, the tail and the weight
+    x, tail = x[:5].clone().requires_grad_(), tail.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, t, w: conv.__class__.forward(_with(conv, w), x, t)[0],
+                                    (x, tail, conv.weight.detach().clone().requires_grad_()))
+
+
+def _with(conv, w):
+    """conv with weight w (a leaf of gradcheck's own)."""
+    clone = ShortConvolution(conv.channels, conv.kernel).double()
+    del clone.weight
+    clone.weight = w
+    return clone
 
 
 def _layer_by_hand(att, x):

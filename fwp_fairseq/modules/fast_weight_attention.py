@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -164,10 +165,11 @@ class FastWeightAttention(CarriesState, nn.Module):
         tgt_len, bsz, _ = query.shape
         # The projections run under the caller's autocast. From phi to the output it is off: it
         # would run the recurrence's products in half and cast the fp32 state and normalisers down.
-        qp = self.q_proj(query)
-        kv = None if key is None else (self.k_proj(key), self.v_proj(value))
-        if self.short_conv is not None:
-            qp, kv = self._convolve(qp, *kv, key_padding_mask, incremental_state)
+        if self.short_conv is not None:  # causal self-attention: key and value are the query
+            qp, kv = self._convolve(query, key_padding_mask, incremental_state)
+        else:
+            qp = self.q_proj(query)
+            kv = None if key is None else (self.k_proj(key), self.v_proj(value))
         dev = query.device.type
         with torch.autocast(dev, enabled=False):
             q = self._phi(self._heads(qp, bsz))
@@ -196,15 +198,18 @@ class FastWeightAttention(CarriesState, nn.Module):
                 raise ValueError(f"key_padding_mask: expected {(key.size(1), key.size(0))}, "
                                  f"got {tuple(key_padding_mask.shape)}")
 
-    def _convolve(self, qp, kp, vp, key_padding_mask, incremental_state):
-        """--fwp-short-conv: q, k, v projections through the causal convolution, continuing
-        from the tail that decoding or the carried state kept (none: zeros before the start)."""
+    def _convolve(self, x, key_padding_mask, incremental_state):
+        """--fwp-short-conv: the q, k, v projections of x (one product with the three weights
+        stacked) through the causal convolution, continuing from the tail that decoding or the
+        carried state kept (none: zeros before the start)."""
         tail = None
         if incremental_state is not None:
             tail = (self.get_incremental_state(incremental_state, "conv_tail") or {}).get("tail")
         elif self.carry_state:
-            tail, _ = self._carried_conv.load(self._carry_slot(), qp.size(1))
-        y, tail = self.short_conv(torch.cat([qp, kp, vp], dim=-1), tail, key_padding_mask)
+            tail, _ = self._carried_conv.load(self._carry_slot(), x.size(1))
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = F.linear(x, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
+        y, tail = self.short_conv(qkv, tail, key_padding_mask)
         if incremental_state is not None:
             self.set_incremental_state(incremental_state, "conv_tail", {"tail": tail})
         elif self.carry_state:

@@ -40,10 +40,49 @@ class ShortConvolution(nn.Module):
         """padding_mask (B, T), True at padding: those inputs count as zero (fla masks them too)."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.t()[:, :, None], 0.0)
-        xt = x.permute(1, 2, 0)  # (B, C, T)
+        K = self.kernel
         if tail is None:
-            tail = xt.new_zeros(xt.size(0), self.channels, self.kernel - 1)
-        padded = torch.cat([tail.to(xt.dtype), xt], dim=2)
-        y = F.conv1d(padded, self.weight.to(xt.dtype), groups=self.channels)
-        new_tail = padded[:, :, padded.size(2) - (self.kernel - 1):]
-        return F.silu(y).permute(2, 0, 1), new_tail
+            head = x.new_zeros(K - 1, x.size(1), self.channels)
+        else:
+            head = tail.permute(2, 0, 1).to(x.dtype)
+        padded = torch.cat([head, x], dim=0)  # (K-1+T, B, C)
+        y = _ConvSiLU.apply(padded, self.weight[:, 0].to(x.dtype))
+        return y, padded[padded.size(0) - (K - 1):].permute(1, 2, 0)
+
+
+def _conv(padded, w, T):
+    """sum_j w[:, j] * padded[j:j+T]: the causal depthwise convolution (T, B, C), computed in x's
+    (T, B, C) layout as K multiply-adds into one buffer (conv1d would need (B, C, T): two
+    transposed copies, which on the CPU cost more than the convolution)."""
+    K = w.size(1)
+    y = padded[K - 1:] * w[:, K - 1]
+    for j in range(K - 1):
+        y.addcmul_(padded[j:j + T], w[:, j])
+    return y
+
+
+class _ConvSiLU(torch.autograd.Function):
+    """silu(_conv(padded, w)) with a hand-written backward: it keeps only padded and the
+    pre-activation, and makes fewer passes over (T, B, C) than autograd through the K products."""
+
+    @staticmethod
+    def forward(ctx, padded, w):
+        T = padded.size(0) - w.size(1) + 1
+        y = _conv(padded, w, T)
+        ctx.save_for_backward(padded, w, y)
+        return F.silu(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        padded, w, y = ctx.saved_tensors
+        K, T = w.size(1), y.size(0)
+        gy = torch.ops.aten.silu_backward(grad.contiguous(), y)
+        g_padded = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_padded = padded.new_zeros(padded.shape)
+            for j in range(K):
+                g_padded[j:j + T].addcmul_(gy, w[:, j])
+        if ctx.needs_input_grad[1]:
+            flat = gy.reshape(T, -1, gy.size(-1))
+            g_w = torch.stack([(flat * padded[j:j + T].reshape(flat.shape)).sum((0, 1)) for j in range(K)], 1)
+        return g_padded, g_w
