@@ -161,6 +161,20 @@ def test_layer_carry_equals_one_long_segment(flags):
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-9, atol=1e-9)
 
 
+def test_decoding_keeps_only_the_last_inputs():
+    """Incremental decoding: the convolution's cache stays K-1 inputs per row (bounded memory)."""
+    att = FastWeightAttention(16, 2, self_attention=True, causal=True, feature_map="identity", l2_norm=True,
+                              update="delta", short_conv=4).eval()
+    state, x = {}, torch.randn(7, 3, 16)
+    with torch.no_grad():
+        for t in range(7):
+            att(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)
+            tail = att.get_incremental_state(state, "conv_tail")["tail"]
+            assert tail.shape == (3, 48, 3)
+        last = torch.cat([att.q_proj(x[4:]), att.k_proj(x[4:]), att.v_proj(x[4:])], -1)  # the last 3 steps
+    torch.testing.assert_close(tail, last.permute(1, 2, 0))
+
+
 def test_reset_carried_rows_restarts_the_convolution_too():
     torch.manual_seed(0)
     att = FastWeightAttention(16, 2, self_attention=True, causal=True, feature_map="identity", l2_norm=True,
