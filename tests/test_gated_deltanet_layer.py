@@ -72,6 +72,27 @@ def _with(conv, w):
     return clone
 
 
+def test_centred_conv_for_the_encoder_ignores_padding():
+    """--fwp-short-conv-encoder: output t sees t-1..t+2 (K = 4); a left-padded sentence gets the
+    outputs of the sentence alone at its real positions."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4, causal=False).double()
+    x = torch.randn(9, 2, 6, dtype=torch.float64)
+    w = conv.weight[:, 0]
+    ref = torch.stack([sum(w[:, j] * x[t + j - 1] for j in range(4) if 0 <= t + j - 1 < 9) for t in range(9)])
+    torch.testing.assert_close(conv(x)[0], F.silu(ref), rtol=1e-12, atol=1e-12)
+    att = FastWeightAttention(16, 2, self_attention=True, short_conv=4, output_norm="rms").double().eval()
+    randomise(att)
+    alone = torch.randn(5, 1, 16, dtype=torch.float64)
+    padded = torch.cat([torch.randn(3, 1, 16, dtype=torch.float64), alone])
+    mask = torch.tensor([[True] * 3 + [False] * 5])
+    with torch.no_grad():
+        torch.testing.assert_close(att(padded, padded, padded, key_padding_mask=mask)[0][3:],
+                                   att(alone, alone, alone)[0], rtol=1e-9, atol=1e-9)
+    model, _ = build("fwp_transformer_tiny", ["--fwp-short-conv", "3", "--fwp-short-conv-encoder"])
+    assert [a.short_conv is not None for a in fast_layers(model)] == [True, True, True, False, True, False]
+
+
 def _layer_by_hand(att, x):
     """The layer's output from its parameters: short conv (taps by hand), phi, the ops'
     step-by-step reference, RMS norm and gate, output projection."""
@@ -138,8 +159,8 @@ def test_output_norm_turns_the_attention_normaliser_off_and_refuses_it():
 
 
 def test_layer_errors():
-    with pytest.raises(ValueError, match="^short_conv: only causal self-attention"):
-        FastWeightAttention(8, 2, self_attention=True, short_conv=4)
+    with pytest.raises(ValueError, match="^short_conv: only self-attention"):
+        FastWeightAttention(8, 2, encoder_decoder_attention=True, short_conv=4)
     with pytest.raises(ValueError, match="^output_norm: expected one of"):
         FastWeightAttention(8, 2, self_attention=True, output_norm="layer")
     with pytest.raises(ValueError, match="^short_conv: kernel size must be >= 1"):

@@ -46,6 +46,7 @@ def opts(**kw):
     (dict(kernel="softmax", output_norm="rms"), "--fwp-output-norm"),
     (dict(output_norm="layer"), "--fwp-output-norm"),
     (dict(output_norm="rms-gated", attn_normalize=True), "--fwp-attn-normalize and --fwp-output-norm"),
+    (dict(short_conv_encoder=True), "--fwp-short-conv-encoder: needs --fwp-short-conv"),
 ])
 def test_bad_combination_is_one_line_naming_the_flag(kw, flag):
     with pytest.raises(ValueError) as e:

@@ -115,6 +115,9 @@ class FwpTransformerFields(FwpFields):
     fwp_softmax_encoder_layers: str = field(
         default="", metadata={"help": "hybrid model: comma-separated encoder layer indices (from 0) "
                                       "that keep fairseq's softmax self-attention"})
+    fwp_short_conv_encoder: bool = field(
+        default=False, metadata={"help": "also give encoder self-attention the --fwp-short-conv "
+                                         "convolution, centred (non-causal; padding counts as zero)"})
 
 
 @dataclass
@@ -138,6 +141,7 @@ class FwpOptions:
     softmax_encoder_layers: tuple
     short_conv: int = 0
     output_norm: str = "none"
+    short_conv_encoder: bool = False
 
     @property
     def fast(self):
@@ -230,6 +234,9 @@ def fwp_options(args):
     _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm)
     short_conv, output_norm = int(get("fwp_short_conv")), str(get("fwp_output_norm"))
     _check_conv_and_norm(kernel, short_conv, output_norm)
+    short_conv_encoder = bool(get("fwp_short_conv_encoder"))
+    if short_conv_encoder and not short_conv:
+        raise ValueError("--fwp-short-conv-encoder: needs --fwp-short-conv K (the kernel size)")
     attn_norm = check_output_norm(output_norm, attn_norm, names={
         "output_norm": "--fwp-output-norm", "attn_normalize": "--fwp-attn-normalize"})
     # The layers resolve the defaults; contradictions fail here, at start-up, naming the flag.
@@ -253,7 +260,7 @@ def fwp_options(args):
         gate=gate, beta_range=beta_range,
         softmax_layers=_layer_list(get("fwp_softmax_layers"), "--fwp-softmax-layers"),
         softmax_encoder_layers=_layer_list(get("fwp_softmax_encoder_layers"), "--fwp-softmax-encoder-layers"),
-        short_conv=short_conv, output_norm=output_norm,
+        short_conv=short_conv, output_norm=output_norm, short_conv_encoder=short_conv_encoder,
     )
 
 
@@ -266,7 +273,8 @@ def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=F
         attn_normalize=opts.attn_normalize, sum_norm=opts.sum_norm, l2_norm=opts.l2_norm,
         seed=opts.seed * 10_007 + seed_offset, impl=opts.impl,
         gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit",
-        short_conv=opts.short_conv if causal else 0, output_norm=opts.output_norm)
+        short_conv=opts.short_conv if causal or (opts.short_conv_encoder and not cross) else 0,
+        output_norm=opts.output_norm)
 
 
 def _check_layer_indices(indices, layers, flag):

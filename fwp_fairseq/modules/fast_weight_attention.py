@@ -41,7 +41,8 @@ class FastWeightAttention(CarriesState, nn.Module):
     """feature_map: a name in FEATURE_MAPS; update: the rule of causal attention ("sum" or
     "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default);
     gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py;
-    short_conv (kernel, 0: none), causal self-attention only: short_conv.py; output_norm ("none",
+    short_conv (kernel, 0: none), self-attention only (causal, or centred where not causal):
+    short_conv.py; output_norm ("none",
     "rms", "rms-gated"): output_norm.py (with it, the attention normaliser is off)."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
@@ -74,8 +75,8 @@ class FastWeightAttention(CarriesState, nn.Module):
         check_gate_options(gate, beta_range, self.update, causal)
         self.beta_range = beta_range
         attn_normalize = check_output_norm(output_norm, attn_normalize)
-        if short_conv and not causal:
-            raise ValueError("short_conv: only causal self-attention has one (0 turns it off)")
+        if short_conv and not self_attention:
+            raise ValueError("short_conv: only self-attention has one (0 turns it off)")
         self.attn_normalize, self.phi_norm = resolve_normalisation(
             feature_map, self.update, attn_normalize, sum_norm, l2_norm)
         self.impl = impl
@@ -89,7 +90,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.beta_proj = nn.Linear(embed_dim, num_heads, bias=False) if self.update == "delta" else None
         # No parameters without the gate: the paper's checkpoints keep their keys.
         self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
-        self.short_conv = ShortConvolution(3 * embed_dim, short_conv) if short_conv else None
+        self.short_conv = ShortConvolution(3 * embed_dim, short_conv, causal) if short_conv else None
         self.output_norm = (OutputNorm(output_norm, embed_dim, num_heads, self.head_dim, eps)
                             if output_norm != "none" else None)
         self.num_updates = 0
@@ -165,7 +166,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         tgt_len, bsz, _ = query.shape
         # The projections run under the caller's autocast. From phi to the output it is off: it
         # would run the recurrence's products in half and cast the fp32 state and normalisers down.
-        if self.short_conv is not None:  # causal self-attention: key and value are the query
+        if self.short_conv is not None:  # self-attention: key and value are the query
             qp, kv = self._convolve(query, key_padding_mask, incremental_state)
         else:
             qp = self.q_proj(query)

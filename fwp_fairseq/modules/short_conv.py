@@ -8,7 +8,10 @@ The three projections go through one depthwise convolution over their 3C concate
 output t sees inputs t-K+1..t. Continuing a sequence needs only the last K-1 inputs (the
 "tail", (B, 3C, K-1), batch first so that beam search reorders it with the decoding state):
 incremental decoding keeps it in the incremental state, the carried state (fwp_stream_lm
---fwp-carry-state) from one segment to the next; without a tail the sequence starts on zeros."""
+--fwp-carry-state) from one segment to the next; without a tail the sequence starts on zeros.
+Centred (causal=False; encoder self-attention, --fwp-short-conv-encoder): output t sees inputs
+t-(K-1)//2 .. t+K-1-(K-1)//2, zeros beyond both ends and at padding, so that a padded sentence
+gets the outputs of the same sentence alone."""
 import math
 
 import torch
@@ -19,11 +22,11 @@ import torch.nn.functional as F
 class ShortConvolution(nn.Module):
     """x (T, B, channels), tail (B, channels, K-1) or None -> (silu(conv(x)), new tail)."""
 
-    def __init__(self, channels, kernel):
+    def __init__(self, channels, kernel, causal=True):
         super().__init__()
         if kernel < 1:
             raise ValueError(f"short_conv: kernel size must be >= 1 (0: no convolution), got {kernel}")
-        self.channels, self.kernel = channels, kernel
+        self.channels, self.kernel, self.causal = channels, kernel, causal
         # No bias (flash-linear-attention's default): the projections before it have one.
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
         self.reset_parameters()
@@ -34,13 +37,20 @@ class ShortConvolution(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def extra_repr(self):
-        return f"channels={self.channels}, kernel={self.kernel}"
+        return f"channels={self.channels}, kernel={self.kernel}, causal={self.causal}"
 
     def forward(self, x, tail=None, padding_mask=None):
         """padding_mask (B, T), True at padding: those inputs count as zero (fla masks them too)."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.t()[:, :, None], 0.0)
         K = self.kernel
+        if not self.causal:  # a sentence at once: (K-1)//2 zeros before it, the rest after
+            if tail is not None:
+                raise ValueError("tail: a centred convolution sees the future; it cannot continue a sequence")
+            before = (K - 1) // 2
+            zeros = x.new_zeros(K - 1, x.size(1), self.channels)
+            padded = torch.cat([zeros[:before], x, zeros[before:]], dim=0)
+            return _ConvSiLU.apply(padded, self.weight[:, 0].to(x.dtype)), None
         if tail is None:
             head = x.new_zeros(K - 1, x.size(1), self.channels)
         else:
