@@ -60,12 +60,12 @@ train_row() {  # train_row DIR FAIRSEQ_TRAIN_ARGS...: train one table row, check
 }
 
 train_small_lm() {  # train_small_lm DIR ARGS...: train_row for the Tiny Shakespeare tables: an
-    # fwp_lm of 4 layers of 256 (FFN 1024, tied embeddings), segments of CONTEXT tokens, the same
+    # fwp_lm of 4 layers of 256 (FFN ROW_FFN, default 1024; tied embeddings), segments of CONTEXT tokens, the same
     # optimiser and budget (MAX_UPDATE, SEED) for every row; ARGS: the row's task, fwp and head flags
     local dir=$1
     shift
     train_row "$dir" "$DATA" --user-dir fwp_fairseq --arch fwp_lm "$@" \
-        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 \
+        --decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim "${ROW_FFN:-1024}" \
         --decoder-input-dim 256 --decoder-output-dim 256 \
         --share-decoder-input-output-embed --dropout 0.1 --tokens-per-sample "$CONTEXT" \
         --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \

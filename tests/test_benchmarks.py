@@ -3,6 +3,8 @@ skips named, not hidden), and that every method has its place in the order a tim
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,3 +68,13 @@ def test_ops_table_leaves_out_other_batch_shapes(tmp_path):
     path = tmp_path / "bench.md"
     gpu_ops.write_table(results, str(path), "a GPU")
     assert "| 256 | 16 |" not in path.read_text()
+
+
+@pytest.mark.slow  # builds four fairseq models (about 10 s)
+def test_layer_parts_writes_its_table(tmp_path):
+    """benchmarks/layer_parts.py at a toy size: every variant timed, ratios to the core layer."""
+    layer_parts = _load("layer_parts")
+    layer_parts.main(["--lengths", "8", "--batch", "1", "--reps", "1", "--out", str(tmp_path)])
+    rows = (tmp_path / "table.md").read_text().splitlines()
+    assert rows[2] == "| T | core | short conv 4 | rms-gated norm | both (preset) |"
+    assert rows[4].startswith("| 8 | ") and rows[4].count("x)") == 3

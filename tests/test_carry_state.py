@@ -151,7 +151,11 @@ def perplexity(task, model, split, T):
 
 @pytest.mark.parametrize("fwp", [["--fwp-kernel", "linear", "--fwp-update", "delta"],
                                  ["--fwp-kernel", "linear", "--fwp-update", "delta", "--fwp-l2-normalize"],
-                                 ["--fwp-kernel", "dpfp", "--fwp-update", "sum"]])
+                                 ["--fwp-kernel", "dpfp", "--fwp-update", "sum"],
+                                 # Gated DeltaNet (models/presets.py): the short convolution's inputs carry too
+                                 ["--fwp-kernel", "identity", "--fwp-l2-normalize", "--fwp-update", "delta",
+                                  "--fwp-short-conv", "4", "--fwp-gate", "scalar", "--fwp-beta-range", "double",
+                                  "--fwp-output-norm", "rms-gated"]])
 def test_eval_does_not_depend_on_segment_length(data_dir, fwp):
     task, model = setup(data_dir, *fwp)
     whole = perplexity(task, model, "test", 100_000)

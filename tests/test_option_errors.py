@@ -39,6 +39,14 @@ def opts(**kw):
     (dict(softmax_layers="0,x"), "--fwp-softmax-layers"),
     (dict(softmax_layers="-1"), "--fwp-softmax-layers"),
     (dict(softmax_encoder_layers="1;2"), "--fwp-softmax-encoder-layers"),
+    (dict(kernel="silu", sum_normalize=True), "--fwp-sum-normalize"),
+    (dict(kernel="silu", attn_normalize=True), "--fwp-attn-normalize"),
+    (dict(short_conv=-1), "--fwp-short-conv"),
+    (dict(kernel="softmax", short_conv=4), "--fwp-short-conv"),
+    (dict(kernel="softmax", output_norm="rms"), "--fwp-output-norm"),
+    (dict(output_norm="layer"), "--fwp-output-norm"),
+    (dict(output_norm="rms-gated", attn_normalize=True), "--fwp-attn-normalize and --fwp-output-norm"),
+    (dict(short_conv_encoder=True), "--fwp-short-conv-encoder: needs --fwp-short-conv"),
 ])
 def test_bad_combination_is_one_line_naming_the_flag(kw, flag):
     with pytest.raises(ValueError) as e:
@@ -117,7 +125,8 @@ def test_flags_and_layer_share_one_definition():
     layer_defaults = inspect.signature(FastWeightAttention).parameters
     for flag, arg in (("fwp_kernel", "feature_map"), ("fwp_update", "update"), ("fwp_dpfp_nu", "dpfp_nu"),
                       ("fwp_performer_features", "performer_features"), ("fwp_performer_seed", "seed"),
-                      ("fwp_impl", "impl"), ("fwp_gate", "gate"), ("fwp_beta_range", "beta_range")):
+                      ("fwp_impl", "impl"), ("fwp_gate", "gate"), ("fwp_beta_range", "beta_range"),
+                      ("fwp_short_conv", "short_conv"), ("fwp_output_norm", "output_norm")):
         assert FwpFields.__dataclass_fields__[flag].default == layer_defaults[arg].default, flag
     for flags, kwargs in ((dict(kernel="identity", sum_normalize=True), dict(feature_map="identity", sum_norm=True)),
                           (dict(kernel="performer", no_sum_normalize=True), dict(feature_map="performer", sum_norm=False))):

@@ -143,6 +143,23 @@ def test_lm_recipe_extension_rows(tmp_path):
     assert p.returncode != 0 and "unknown row deltanet_typo" in p.stderr
 
 
+def test_lm_recipe_gated_deltanet_rows(tmp_path):
+    """Today's DeltaNet layer: the preset's flag set (the same as fwp_lm_gated_deltanet's), and the
+    short convolution and the output norm each added to the Delta Net; the rows with the output
+    norm's gate projection give its parameters back in the FFN (896 instead of 1024)."""
+    from fwp_fairseq.models.presets import gated_deltanet_flags
+    rows = {"gated_deltanet": (" ".join(gated_deltanet_flags()), 896),
+            "shortconv": ("--fwp-kernel linear --fwp-update delta --fwp-short-conv 4", 1024),
+            "outnorm": ("--fwp-kernel linear --fwp-update delta --fwp-output-norm rms-gated", 896)}
+    p, calls, out = run_recipe(tmp_path, LM_SCRIPT, *rows)
+    assert p.returncode == 0, p.stderr
+    assert [c[0] for c in calls] == ["fairseq-train", "fairseq-eval-lm", "fairseq-eval-lm"] * 3
+    for i, (row, (flags, ffn)) in enumerate(rows.items()):
+        train = joined(calls[3 * i])
+        assert flags_once(calls[3 * i]) and f" {flags} " in train, (row, train)
+        assert f" --decoder-ffn-embed-dim {ffn} " in train and f"--save-dir {out}/{row}/checkpoints" in train
+
+
 # row -> (model flags, training task flags)
 CARRY_ROWS = {
     "deltanet": ("--fwp-kernel linear --fwp-update delta", "--task language_modeling"),

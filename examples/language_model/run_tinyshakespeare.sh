@@ -10,7 +10,10 @@
 # ROWs: softmax linear deltanet dpfp_delta (default: these four), and the Delta Net's extensions
 #   (not in the paper): deltanet_gated (--fwp-gate scalar), deltanet_beta2 (--fwp-beta-range
 #   double), deltanet_hybrid (softmax attention in the last of the 4 layers), deltanet_gated_hybrid
-#   (both). Environment:
+#   (both); today's DeltaNet layer: gated_deltanet (the fwp_lm_gated_deltanet preset's flags),
+#   shortconv (--fwp-short-conv 4), outnorm (--fwp-output-norm rms-gated); rows with the output
+#   norm's W_g (4 x 256^2 parameters) give it back in the FFN (896 instead of 1024), so that every
+#   row has the deltanet row's parameter count within 1%. Environment:
 #   DATA (data-bin/tinyshakespeare)  OUT (results/tinyshakespeare)  MAX_UPDATE (2000)
 #   CONTEXT (256: tokens per training sample)  DPFP_NU (1)  SEED (1)  THREADS (2)
 #   EXTRA_ARGS (appended to fairseq-train)
@@ -35,7 +38,19 @@ row_args() {
         # one softmax layer in four, the last of the block (as 3:1 hybrids such as Qwen3-Next place it)
         deltanet_hybrid) echo "$(row_args deltanet) --fwp-softmax-layers 3" ;;
         deltanet_gated_hybrid) echo "$(row_args deltanet_gated) --fwp-softmax-layers 3" ;;
-        *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta deltanet_gated deltanet_beta2 deltanet_hybrid deltanet_gated_hybrid)" >&2; return 1 ;;
+        # Gated DeltaNet as published (models/presets.py), and two of its parts alone
+        gated_deltanet) echo "--fwp-kernel identity --fwp-l2-normalize --fwp-update delta --fwp-short-conv 4" \
+            "--fwp-gate scalar --fwp-beta-range double --fwp-output-norm rms-gated" ;;
+        shortconv) echo "$(row_args deltanet) --fwp-short-conv 4" ;;
+        outnorm) echo "$(row_args deltanet) --fwp-output-norm rms-gated" ;;
+        *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta deltanet_gated deltanet_beta2 deltanet_hybrid deltanet_gated_hybrid gated_deltanet shortconv outnorm)" >&2; return 1 ;;
+    esac
+}
+
+row_ffn() {  # the FFN width: 896 where the output norm's gate projection takes the difference
+    case $1 in
+        gated_deltanet | outnorm) echo 896 ;;
+        *) echo 1024 ;;
     esac
 }
 
@@ -53,7 +68,7 @@ for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
     dir="$OUT/$row"
     # shellcheck disable=SC2086
-    train_small_lm "$dir" --task language_modeling $args --decoder-attention-heads 4 \
+    ROW_FFN=$(row_ffn "$row") train_small_lm "$dir" --task language_modeling $args --decoder-attention-heads 4 \
         --sample-break-mode none --max-tokens $((CONTEXT * 32))
     ckpt="$dir/checkpoints/checkpoint_last.pt"
     valid=$(ppl "$ckpt" valid "$dir/eval_valid.log")

@@ -18,6 +18,7 @@ from fairseq.models.transformer_lm import (
 from ..modules.fast_weight_attention import FastWeightAttention
 from ..ops import UPDATES
 from .fwp_options import FwpFields, fwp_options, install_fast_weights, set_defaults, set_fwp_defaults
+from .presets import GATED_DELTANET
 
 logger = logging.getLogger(__name__)
 
@@ -170,4 +171,11 @@ def fwp_lm_tiny(args):
     """For tests and smoke runs: 2 layers, d_model 32, 4 heads, FFN 64."""
     set_defaults(args, decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4,
                  decoder_ffn_embed_dim=64)
+    fwp_lm_base(args)
+
+
+@register_model_architecture("fwp_lm", "fwp_lm_gated_deltanet")
+def fwp_lm_gated_deltanet(args):
+    """fairseq's transformer_lm sizes with the Gated DeltaNet layer (presets.py) in every layer."""
+    set_defaults(args, **GATED_DELTANET)
     fwp_lm_base(args)

@@ -17,6 +17,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from ..modules.fast_weight_attention import FastWeightAttention
 from ..modules.feature_maps import FEATURE_MAPS, resolve_normalisation
 from ..modules.gate import BETA_RANGES, GATES
+from ..modules.output_norm import OUTPUT_NORMS, check_output_norm
 from ..ops import IMPLS, UPDATES
 
 # --fwp-kernel: "softmax" keeps fairseq's MultiheadAttention; the other choices are feature maps.
@@ -96,6 +97,17 @@ class FwpFields(FairseqDataclass):
                                       "that keep fairseq's softmax attention (self-attention and, in "
                                       "fwp_transformer, encoder-decoder attention); fast weights "
                                       "elsewhere"})
+    fwp_short_conv: int = field(
+        default=_layer_default("short_conv"),
+        metadata={"help": "kernel size K of a causal depthwise convolution over time, then SiLU, on "
+                          "each of the q, k, v projections of causal fast-weight self-attention (as "
+                          "in DeltaNet and Gated DeltaNet, Yang et al. 2024, 2025; 4 is usual); 0: off"})
+    fwp_output_norm: ChoiceEnum(OUTPUT_NORMS) = field(
+        default=_layer_default("output_norm"),
+        metadata={"help": "per-head RMS norm (learned scale) of every fast-weight read-out before the "
+                          "output projection; 'rms-gated' also multiplies it by SiLU(W_g x), a new "
+                          "projection of the layer input (Gated DeltaNet). It divides out the "
+                          "attention normaliser, which it turns off (with --fwp-attn-normalize: error)"})
 
 
 @dataclass
@@ -110,6 +122,9 @@ class FwpTransformerFields(FwpFields):
     fwp_softmax_encoder_layers: str = field(
         default="", metadata={"help": "hybrid model: comma-separated encoder layer indices (from 0) "
                                       "that keep fairseq's softmax self-attention"})
+    fwp_short_conv_encoder: bool = field(
+        default=False, metadata={"help": "also give encoder self-attention the --fwp-short-conv "
+                                         "convolution, centred (non-causal; padding counts as zero)"})
 
 
 @dataclass
@@ -132,6 +147,9 @@ class FwpOptions:
     householder: int
     softmax_layers: tuple  # decoder layers that keep fairseq's attention
     softmax_encoder_layers: tuple
+    short_conv: int = 0
+    output_norm: str = "none"
+    short_conv_encoder: bool = False
 
     @property
     def fast(self):
@@ -201,6 +219,15 @@ def _check_householder(kernel, update, householder, attn_norm):
                          "drop --fwp-attn-normalize")
 
 
+def _check_conv_and_norm(kernel, short_conv, output_norm):
+    """--fwp-short-conv / --fwp-output-norm act on fast-weight attention."""
+    if short_conv < 0:
+        raise ValueError(f"--fwp-short-conv: kernel size must be >= 0 (0: off), got {short_conv}")
+    if kernel == "softmax" and (short_conv or output_norm != "none"):
+        flag = "--fwp-short-conv" if short_conv else "--fwp-output-norm"
+        raise ValueError(f"{flag}: --fwp-kernel softmax keeps fairseq's attention, which has none")
+
+
 def fwp_options(args):
     """Validate the --fwp-* flags of a model's args (Namespace or DictConfig) -> FwpOptions.
     Errors name the flag; a flag missing from args takes its dataclass default."""
@@ -231,6 +258,13 @@ def fwp_options(args):
     _check_gate_and_beta(kernel, update, gate, beta_range, l2_norm)
     householder = int(get("fwp_householder"))
     _check_householder(kernel, update, householder, attn_norm)
+    short_conv, output_norm = int(get("fwp_short_conv")), str(get("fwp_output_norm"))
+    _check_conv_and_norm(kernel, short_conv, output_norm)
+    short_conv_encoder = bool(get("fwp_short_conv_encoder"))
+    if short_conv_encoder and not short_conv:
+        raise ValueError("--fwp-short-conv-encoder: needs --fwp-short-conv K (the kernel size)")
+    attn_norm = check_output_norm(output_norm, attn_norm, names={
+        "output_norm": "--fwp-output-norm", "attn_normalize": "--fwp-attn-normalize"})
     # The layers resolve the defaults; contradictions fail here, at start-up, naming the flag.
     resolve_normalisation(kernel, update, attn_norm, sum_norm, l2_norm, names=FLAGS)
     if impl == "cuda" and (bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()):
@@ -252,6 +286,7 @@ def fwp_options(args):
         gate=gate, beta_range=beta_range, householder=householder,
         softmax_layers=_layer_list(get("fwp_softmax_layers"), "--fwp-softmax-layers"),
         softmax_encoder_layers=_layer_list(get("fwp_softmax_encoder_layers"), "--fwp-softmax-encoder-layers"),
+        short_conv=short_conv, output_norm=output_norm, short_conv_encoder=short_conv_encoder,
     )
 
 
@@ -264,7 +299,9 @@ def build_attention(opts, embed_dim, num_heads, seed_offset, kdim=None, causal=F
         attn_normalize=opts.attn_normalize, sum_norm=opts.sum_norm, l2_norm=opts.l2_norm,
         seed=opts.seed * 10_007 + seed_offset, impl=opts.impl,
         gate=opts.gate if causal else "none", beta_range=opts.beta_range if causal else "unit",
-        householder=opts.householder if causal else 1)
+        householder=opts.householder if causal else 1,
+        short_conv=opts.short_conv if causal or (opts.short_conv_encoder and not cross) else 0,
+        output_norm=opts.output_norm)
 
 
 def _check_layer_indices(indices, layers, flag):
@@ -284,9 +321,11 @@ def install_fast_weights(opts, encoder=None, decoder=None):
                          "--fwp-softmax-encoder-layers")
     _check_layer_indices(opts.softmax_layers, getattr(decoder, "layers", None), "--fwp-softmax-layers")
     fast_causal = opts.decoder_self_attn and decoder is not None and len(opts.softmax_layers) < len(decoder.layers)
-    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit" or opts.householder > 1):
+    if not fast_causal and (opts.gate != "none" or opts.beta_range != "unit" or opts.householder > 1
+                            or opts.short_conv):
         flag = ("--fwp-gate" if opts.gate != "none" else
-                "--fwp-beta-range" if opts.beta_range != "unit" else "--fwp-householder")
+                "--fwp-beta-range" if opts.beta_range != "unit" else
+                "--fwp-householder" if opts.householder > 1 else "--fwp-short-conv")
         raise ValueError(f"{flag}: acts on fast-weight decoder self-attention, and no decoder layer has it")
     if encoder is not None and opts.encoder_self_attn:
         for i, layer in enumerate(encoder.layers):

@@ -15,6 +15,7 @@ from fairseq.models.transformer import (
 from ..modules.fast_weight_attention import FastWeightAttention
 from .fwp_options import (FwpTransformerFields, add_fwp_args, fwp_options, install_fast_weights,
                           set_defaults, set_fwp_defaults)
+from .presets import GATED_DELTANET
 
 
 @register_model("fwp_transformer")
@@ -61,4 +62,13 @@ def fwp_transformer_tiny(args):
     set_defaults(args, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_layers=2,
                  encoder_attention_heads=4, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
                  decoder_layers=2, decoder_attention_heads=4)
+    fwp_transformer_base(args)
+
+
+@register_model_architecture("fwp_transformer", "fwp_transformer_gated_deltanet")
+def fwp_transformer_gated_deltanet(args):
+    """fairseq's base Transformer with the Gated DeltaNet layer (presets.py) as decoder
+    self-attention; the encoder's and the encoder-decoder attention are fast weights with the
+    same q, k (identity, L2), the sum rule and the same output norm."""
+    set_defaults(args, **GATED_DELTANET)
     fwp_transformer_base(args)

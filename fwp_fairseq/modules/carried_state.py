@@ -37,7 +37,7 @@ class CarriedState(dict):
         if carried is None or not bool(rows.any()):
             return
         state, z = carried
-        keep = (~rows).to(device=state.device, dtype=state.dtype).view(-1, 1, 1, 1)
+        keep = (~rows).to(device=state.device, dtype=state.dtype).view(-1, *[1] * (state.dim() - 1))
         self[slot] = (state * keep, None if z is None else z * keep)
 
 
@@ -45,21 +45,28 @@ class CarriesState:
     """The carried-state switches of FastWeightAttention (which sets self.causal, self._carried
     and self.carry_state = False in its constructor)."""
 
+    def _carried_states(self):
+        """Every CarriedState the layer keeps (the layer may add others beside its (S, z))."""
+        return (self._carried,)
+
     def set_carry_state(self, on=True):
         """Carry (S, z) from one forward to the next when no incremental_state is given: the
         batch rows must be contiguous streams whose consecutive segments arrive in order."""
         if on and not self.causal:
             raise ValueError("carry_state: only causal self-attention has a state to carry")
         self.carry_state = bool(on)
-        self._carried.reset()
+        for carried in self._carried_states():
+            carried.reset()
 
     def reset_carried_state(self, slot=None):
         """Forget the carried state of `slot` ("train" / "eval"), or of both: W = 0, z = 0."""
-        self._carried.reset(slot)
+        for carried in self._carried_states():
+            carried.reset(slot)
 
     def reset_carried_rows(self, rows, slot="train"):
         """Forget the carried state of some streams only: rows is a (B,) bool mask."""
-        self._carried.reset_rows(rows, slot)
+        for carried in self._carried_states():
+            carried.reset_rows(rows, slot)
 
     def _carry_slot(self):
         return "train" if self.training else "eval"

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -34,6 +35,8 @@ from .feature_maps import (FEATURE_MAPS, FavorFeatureMap, build_feature_map,
 from .gate import BETA_SCALE, ScalarGate, check_gate_options
 from .householder import ExtraWrites, check_householder_options, interleave
 from .normaliser import key_sums
+from .output_norm import OutputNorm, check_output_norm
+from .short_conv import ShortConvolution
 from .precision import recurrence_dtype, to_accumulation
 
 
@@ -42,13 +45,16 @@ class FastWeightAttention(CarriesState, nn.Module):
     """feature_map: a name in FEATURE_MAPS; update: the rule of causal attention ("sum" or
     "delta"); attn_normalize, sum_norm, l2_norm: see resolve_normalisation (None: default);
     gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py;
-    householder: delta-rule writes per token (DeltaProduct, causal delta rule only): householder.py."""
+    householder: delta-rule writes per token (DeltaProduct, causal delta rule only): householder.py;
+    short_conv (kernel, 0: none), self-attention only (causal, or centred where not causal):
+    short_conv.py; output_norm ("none", "rms", "rms-gated"): output_norm.py (with it, the
+    attention normaliser is off)."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, feature_map="linear", update="sum",
                  dpfp_nu=1, performer_features=16, attn_normalize=None, sum_norm=None,
                  l2_norm=False, seed=1, impl="auto", eps=1e-5, gate="none", beta_range="unit",
-                 householder=1):
+                 householder=1, short_conv=0, output_norm="none"):
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim: {embed_dim} must be divisible by num_heads ({num_heads})")
@@ -73,6 +79,9 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.update = update if causal else "sum"
         check_gate_options(gate, beta_range, self.update, causal)
         self.beta_range = beta_range
+        attn_normalize = check_output_norm(output_norm, attn_normalize)
+        if short_conv and not self_attention:
+            raise ValueError("short_conv: only self-attention has one (0 turns it off)")
         self.attn_normalize, self.phi_norm = resolve_normalisation(
             feature_map, self.update, attn_normalize, sum_norm, l2_norm)
         check_householder_options(householder, self.update, causal, self.attn_normalize)
@@ -90,10 +99,14 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
         # Writes 1..N-1 of DeltaProduct; N = 1: none (no parameters, old checkpoints unchanged).
         self.extra_writes = ExtraWrites(embed_dim, num_heads, householder) if householder > 1 else None
+        self.short_conv = ShortConvolution(3 * embed_dim, short_conv, causal) if short_conv else None
+        self.output_norm = (OutputNorm(output_norm, embed_dim, num_heads, self.head_dim, eps)
+                            if output_norm != "none" else None)
         self.num_updates = 0
         self.beam_size = 1  # set_beam_size
         self.carry_state = False  # set_carry_state
         self._carried = CarriedState()
+        self._carried_conv = CarriedState()  # the short convolution's last inputs
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -116,6 +129,9 @@ class FastWeightAttention(CarriesState, nn.Module):
                 f"beta_range={self.beta_range}"
                 + (f", householder={self.num_householder}" if self.num_householder > 1 else ""))
 
+    def _carried_states(self):
+        return (self._carried, self._carried_conv)
+
     # -- fairseq hooks -------------------------------------------------------------------
     def set_num_updates(self, num_updates):
         """Called by the trainer at every update: FAVOR+ draws number `num_updates` in training."""
@@ -134,12 +150,14 @@ class FastWeightAttention(CarriesState, nn.Module):
         return self.set_incremental_state(incremental_state, "fw_state", buffer)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        """Beam search: select (and possibly drop) rows of the batch in every cached tensor; a
-        memory shared by a sentence's beams only drops finished sentences (beam_memory.py)."""
-        buffer = self._get_input_buffer(incremental_state)
-        if buffer:
-            reorder_buffer(buffer, new_order)
-            incremental_state = self._set_input_buffer(incremental_state, buffer)
+        """Beam search: select (and possibly drop) rows of the batch in every cached tensor
+        (the fast weights' state and the short convolution's tail); a memory shared by a
+        sentence's beams only drops finished sentences (beam_memory.py)."""
+        for name in ("fw_state", "conv_tail"):
+            buffer = self.get_incremental_state(incremental_state, name)
+            if buffer:
+                reorder_buffer(buffer, new_order)
+                incremental_state = self.set_incremental_state(incremental_state, name, buffer)
         return incremental_state
 
     # -- forward -------------------------------------------------------------------------
@@ -167,8 +185,11 @@ class FastWeightAttention(CarriesState, nn.Module):
         tgt_len, bsz, _ = query.shape
         # The projections run under the caller's autocast. From phi to the output it is off: it
         # would run the recurrence's products in half and cast the fp32 state and normalisers down.
-        qp = self.q_proj(query)
-        kv = None if key is None else (self.k_proj(key), self.v_proj(value))
+        if self.short_conv is not None:  # self-attention: key and value are the query
+            qp, kv = self._convolve(query, key_padding_mask, incremental_state)
+        else:
+            qp = self.q_proj(query)
+            kv = None if key is None else (self.k_proj(key), self.v_proj(value))
         dev = query.device.type
         with torch.autocast(dev, enabled=False):
             q = self._phi(self._heads(qp, bsz))
@@ -180,6 +201,8 @@ class FastWeightAttention(CarriesState, nn.Module):
             else:
                 out = self._noncausal(q, k, v, incremental_state if static_kv else None,
                                       None if shared is None else self.beam_size)
+            if self.output_norm is not None:
+                out = self.output_norm(out, query)
         out = out.to(qp.dtype).permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         return self.out_proj(out), None
 
@@ -195,6 +218,25 @@ class FastWeightAttention(CarriesState, nn.Module):
             if key_padding_mask is not None and tuple(key_padding_mask.shape) != (key.size(1), key.size(0)):
                 raise ValueError(f"key_padding_mask: expected {(key.size(1), key.size(0))}, "
                                  f"got {tuple(key_padding_mask.shape)}")
+
+    def _convolve(self, x, key_padding_mask, incremental_state):
+        """--fwp-short-conv: the q, k, v projections of x (one product with the three weights
+        stacked) through the causal convolution, continuing from the tail that decoding or the
+        carried state kept (none: zeros before the start)."""
+        tail = None
+        if incremental_state is not None:
+            tail = (self.get_incremental_state(incremental_state, "conv_tail") or {}).get("tail")
+        elif self.carry_state:
+            tail, _ = self._carried_conv.load(self._carry_slot(), x.size(1))
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = F.linear(x, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
+        y, tail = self.short_conv(qkv, tail, key_padding_mask)
+        if incremental_state is not None:
+            self.set_incremental_state(incremental_state, "conv_tail", {"tail": tail})
+        elif self.carry_state:
+            self._carried_conv.store(self._carry_slot(), tail, None)
+        q, k, v = y.split(self.embed_dim, dim=-1)
+        return q, (k, v)
 
     def _heads(self, x, bsz):
         """(T, B, H*D) -> (B, H, T, D)."""

@@ -72,6 +72,22 @@ class IdentityFeatureMap(FeatureMap):
         return x
 
 
+class SiLUFeatureMap(FeatureMap):
+    """phi(x) = SiLU(x) = x sigmoid(x), d_dot = head_dim: signed (down to -0.28), so the rules of
+    identity hold (no sum normalisation, no attention normaliser); with L2 normalisation it is
+    flash-linear-attention's default DeltaNet feature map (Yang et al. 2024); not in the paper.
+    After --fwp-short-conv, whose output already went through SiLU, use identity instead."""
+    signed = True
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.head_dim = head_dim
+        self.out_dim = head_dim
+
+    def forward(self, x):
+        return F.silu(x)
+
+
 class DPFPFeatureMap(FeatureMap):
     """Deterministic parameter-free projection of order nu: r = relu([x, -x]),
     phi = concat_{j=1..nu} r * roll(r, j); d_dot = 2 * head_dim * nu."""
@@ -154,7 +170,7 @@ class FavorFeatureMap(FeatureMap):
 
 
 FEATURE_MAPS = {"linear": LinearFeatureMap, "performer": FavorFeatureMap, "dpfp": DPFPFeatureMap,
-                "identity": IdentityFeatureMap}
+                "identity": IdentityFeatureMap, "silu": SiLUFeatureMap}
 
 
 def build_feature_map(name, head_dim, nu, num_features, seed):
