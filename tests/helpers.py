@@ -314,6 +314,27 @@ def full_and_incremental(model, prev, encoder_out=None):
     return full, torch.cat(steps, dim=1)
 
 
+def mt_full_and_incremental(model, d, seed=1):
+    """full_and_incremental for an fwp_transformer in fp64 (the model is converted in place):
+    three random sources (the first left-padded by two) and 8-token targets."""
+    model.double().eval()
+    g = torch.Generator().manual_seed(seed)
+    src = random_tokens(d, 3, 7, g)
+    src[0, :2] = d.pad()
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=torch.tensor([5, 7, 7]))
+        prev = torch.cat([torch.full((3, 1), d.eos()), random_tokens(d, 3, 8, g)], dim=1)
+        return full_and_incremental(model, prev, enc)
+
+
+def assert_incremental_close(inc, full, hybrid=False):
+    """Incremental vs full log-probs of an fp64 model: exact (1e-10) for fast-weight layers; a
+    hybrid's softmax layers run fairseq's softmax in fp32 (utils.softmax casts), whose rounding
+    differs between the two orders: measured ~1 fp32 ulp of the largest log-prob, 16 allowed."""
+    tol = 16 * torch.finfo(torch.float32).eps * full.abs().max().item() if hybrid else 1e-10
+    torch.testing.assert_close(inc, full, atol=tol, rtol=0 if hybrid else 1e-10)
+
+
 def beam_search_matches_rescoring(model, d, is_lm, beam_size, max_len_b):
     """Beam search over four padded sources (LM: four forced prefixes); asserts that every
     hypothesis's positional scores equal a full forward over it. Returns the hypotheses.

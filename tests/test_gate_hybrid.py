@@ -15,7 +15,8 @@ fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from fwp_fairseq.modules.gate import decayed_cumsum  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from helpers import beam_search_matches_rescoring, build, full_and_incremental, random_tokens  # noqa: E402
+from helpers import (assert_incremental_close, beam_search_matches_rescoring, build,
+                     full_and_incremental, mt_full_and_incremental, random_tokens)  # noqa: E402
 
 GATED_DOUBLE = ["--fwp-gate", "scalar", "--fwp-beta-range", "double", "--fwp-kernel", "identity",
                 "--fwp-l2-normalize", "--fwp-update", "delta"]
@@ -173,12 +174,7 @@ def test_layer_errors():
 # -- models: incremental == full, beam search == rescoring, carried state ---------------------
 
 def _close_in_fp64(inc, full, flags):
-    """Incremental vs full log-probs of an fp64 model: exact (1e-10) for fast-weight layers; a
-    hybrid's softmax layers run fairseq's softmax in fp32 (utils.softmax casts), whose rounding
-    differs between the two orders: measured ~1 fp32 ulp of the largest log-prob, 16 allowed."""
-    hybrid = any(f.startswith("--fwp-softmax") for f in flags)
-    tol = 16 * torch.finfo(torch.float32).eps * full.abs().max().item() if hybrid else 1e-10
-    torch.testing.assert_close(inc, full, atol=tol, rtol=0 if hybrid else 1e-10)
+    assert_incremental_close(inc, full, hybrid=any(f.startswith("--fwp-softmax") for f in flags))
 
 
 def _randomise_gates(model):
@@ -208,14 +204,7 @@ def test_incremental_equals_full_lm(flags):
 def test_incremental_equals_full_mt(flags):
     model, d = build("fwp_transformer_tiny", flags)
     _randomise_gates(model)
-    model.double().eval()
-    g = torch.Generator().manual_seed(1)
-    src = random_tokens(d, 3, 7, g)
-    src[0, :2] = d.pad()
-    enc = model.encoder(src, src_lengths=torch.tensor([5, 7, 7]))
-    prev = torch.cat([torch.full((3, 1), d.eos()), random_tokens(d, 3, 8, g)], dim=1)
-    with torch.no_grad():
-        full, inc = full_and_incremental(model, prev, enc)
+    full, inc = mt_full_and_incremental(model, d)
     _close_in_fp64(inc, full, flags)
 
 

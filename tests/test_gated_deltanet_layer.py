@@ -16,7 +16,8 @@ from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noq
 from fwp_fairseq.modules.feature_maps import l2_normalize  # noqa: E402
 from fwp_fairseq.modules.short_conv import ShortConvolution  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from helpers import beam_search_matches_rescoring, build, full_and_incremental, random_tokens  # noqa: E402
+from helpers import (assert_incremental_close, beam_search_matches_rescoring, build,
+                     full_and_incremental, mt_full_and_incremental, random_tokens)  # noqa: E402
 
 PRESET = gated_deltanet_flags()
 TINY_LM = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-attention-heads", "4",
@@ -229,24 +230,14 @@ def test_incremental_equals_full_lm(flags):
     prev = torch.cat([torch.full((2, 1), d.eos()), random_tokens(d, 2, 11, torch.Generator().manual_seed(2))], 1)
     with torch.no_grad():
         full, inc = full_and_incremental(model, prev)
-    # fairseq's softmax attention (the hybrid's layer) takes its softmax in fp32 even in fp64:
-    # its rounding (~1e-7 relative) bounds the hybrid's agreement
-    tol = 1e-5 if "--fwp-softmax-layers" in flags else 1e-9
-    torch.testing.assert_close(inc, full, rtol=tol, atol=tol)
+    assert_incremental_close(inc, full, hybrid="--fwp-softmax-layers" in flags)
 
 
 def test_incremental_equals_full_mt_preset():
     model, d = build("fwp_transformer_gated_deltanet", TINY_MT)
     randomise(model)
-    model.double().eval()
-    g = torch.Generator().manual_seed(1)
-    src = random_tokens(d, 3, 7, g)
-    src[0, :2] = d.pad()
-    enc = model.encoder(src, src_lengths=torch.tensor([5, 7, 7]))
-    prev = torch.cat([torch.full((3, 1), d.eos()), random_tokens(d, 3, 8, g)], dim=1)
-    with torch.no_grad():
-        full, inc = full_and_incremental(model, prev, enc)
-    torch.testing.assert_close(inc, full, rtol=1e-9, atol=1e-9)
+    full, inc = mt_full_and_incremental(model, d)
+    assert_incremental_close(inc, full)
 
 
 @pytest.mark.parametrize("arch, sizes", [("fwp_lm_gated_deltanet", TINY_LM),

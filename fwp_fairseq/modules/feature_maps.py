@@ -72,17 +72,11 @@ class IdentityFeatureMap(FeatureMap):
         return x
 
 
-class SiLUFeatureMap(FeatureMap):
+class SiLUFeatureMap(IdentityFeatureMap):
     """phi(x) = SiLU(x) = x sigmoid(x), d_dot = head_dim: signed (down to -0.28), so the rules of
     identity hold (no sum normalisation, no attention normaliser); with L2 normalisation it is
     flash-linear-attention's default DeltaNet feature map (Yang et al. 2024); not in the paper.
     After --fwp-short-conv, whose output already went through SiLU, use identity instead."""
-    signed = True
-
-    def __init__(self, head_dim):
-        super().__init__()
-        self.head_dim = head_dim
-        self.out_dim = head_dim
 
     def forward(self, x):
         return F.silu(x)
