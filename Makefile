@@ -13,15 +13,17 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q "ve-fairseq==0.12.3" pytest matplotlib
+	$(PIP) install -q "ve-fairseq==0.12.3" pytest pytest-xdist matplotlib
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
-# The fast suite (CI): slow tests are marked and skipped here.
+# The fast suite (CI): slow tests are marked and skipped here; two worker processes
+# (pytest-xdist; TEST_WORKERS=0 runs in this process).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS) tests
 
 # Everything, slow tests included.
 test-slow: install

@@ -6,8 +6,10 @@ import torch
 
 from helpers import WORDS, run, write_lines
 
-# Tests are sized for 2-core machines; keep torch from oversubscribing them.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests are sized for 2-core machines; keep torch from oversubscribing them: one thread per
+# worker when pytest-xdist runs the suite in parallel processes (make test: -n 2), else two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
