@@ -57,6 +57,7 @@ def main(argv=None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = sorted({row for _, row in found})
     colours = {row: plt.get_cmap("tab10")(i % 10) for i, row in enumerate(rows)}
@@ -68,6 +69,8 @@ def main(argv=None):
     ax.set_xlabel("updates")
     ax.set_ylabel("valid perplexity (per character)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 10, not 10^1
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_title(args.title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
