@@ -54,7 +54,8 @@ def stand_in_tree(tmp_path, *files, data=True):
     stand-in data folder for both the LM and the Multi30k scripts (empty if data=False).
     Returns (tree, environment, calls file, OUT folder): every setting at its script's default."""
     tree = tmp_path / "repo"
-    for rel in (*files, "examples/run_lib.sh", "examples/translation/hypotheses.sh"):
+    for rel in (*files, "examples/run_lib.sh", "examples/translation/hypotheses.sh",
+                "examples/language_model/plot_valid_ppl.py"):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), tree / rel)
     fake = tmp_path / "bin"
@@ -145,19 +146,24 @@ def test_lm_recipe_extension_rows(tmp_path):
 
 def test_lm_recipe_gated_deltanet_rows(tmp_path):
     """Today's DeltaNet layer: the preset's flag set (the same as fwp_lm_gated_deltanet's), and the
-    short convolution and the output norm each added to the Delta Net; the rows with the output
-    norm's gate projection give its parameters back in the FFN (896 instead of 1024)."""
+    short convolution, the output norm and DeltaProduct each added to the Delta Net; the rows with new
+    projections give their parameters back in the FFN (the output norm's gate projection: 896,
+    DeltaProduct's second writes: 768, instead of 1024); validation logged every 25 updates."""
     from fwp_fairseq.models.presets import gated_deltanet_flags
     rows = {"gated_deltanet": (" ".join(gated_deltanet_flags()), 896),
             "shortconv": ("--fwp-kernel linear --fwp-update delta --fwp-short-conv 4", 1024),
-            "outnorm": ("--fwp-kernel linear --fwp-update delta --fwp-output-norm rms-gated", 896)}
+            "outnorm": ("--fwp-kernel linear --fwp-update delta --fwp-output-norm rms-gated", 896),
+            "deltaproduct2": ("--fwp-kernel linear --fwp-update delta --fwp-householder 2", 768)}
     p, calls, out = run_recipe(tmp_path, LM_SCRIPT, *rows)
     assert p.returncode == 0, p.stderr
-    assert [c[0] for c in calls] == ["fairseq-train", "fairseq-eval-lm", "fairseq-eval-lm"] * 3
+    assert [c[0] for c in calls] == ["fairseq-train", "fairseq-eval-lm", "fairseq-eval-lm"] * 4
     for i, (row, (flags, ffn)) in enumerate(rows.items()):
         train = joined(calls[3 * i])
         assert flags_once(calls[3 * i]) and f" {flags} " in train, (row, train)
         assert f" --decoder-ffn-embed-dim {ffn} " in train and f"--save-dir {out}/{row}/checkpoints" in train
+        assert " --validate-interval-updates 25 " in train
+    # the stand-in logs no validation: the recipe says so and draws nothing
+    assert "no validations logged" in p.stdout and not (out / "valid_ppl.png").exists()
 
 
 # row -> (model flags, training task flags)

@@ -11,16 +11,20 @@
 #   (not in the paper): deltanet_gated (--fwp-gate scalar), deltanet_beta2 (--fwp-beta-range
 #   double), deltanet_hybrid (softmax attention in the last of the 4 layers), deltanet_gated_hybrid
 #   (both); today's DeltaNet layer: gated_deltanet (the fwp_lm_gated_deltanet preset's flags),
-#   shortconv (--fwp-short-conv 4), outnorm (--fwp-output-norm rms-gated); rows with the output
-#   norm's W_g (4 x 256^2 parameters) give it back in the FFN (896 instead of 1024), so that every
-#   row has the deltanet row's parameter count within 1%. Environment:
+#   shortconv (--fwp-short-conv 4), outnorm (--fwp-output-norm rms-gated), deltaproduct2
+#   (--fwp-householder 2: two delta-rule writes per token); rows with new projections give their
+#   parameters back in the FFN (the output norm's W_g, 4 x 256^2: FFN 896; DeltaProduct's second
+#   key and value projections, 4 x 2 x 256^2: FFN 768), so that every row has the deltanet row's
+#   parameter count within 1%. Validation is logged every VALID_EVERY updates (fairseq reseeds
+#   every update from SEED, so this leaves training as it is), and the end draws
+#   $OUT/valid_ppl.png (plot_valid_ppl.py) over every row trained into $OUT. Environment:
 #   DATA (data-bin/tinyshakespeare)  OUT (results/tinyshakespeare)  MAX_UPDATE (2000)
-#   CONTEXT (256: tokens per training sample)  DPFP_NU (1)  SEED (1)  THREADS (2)
+#   CONTEXT (256: tokens per training sample)  DPFP_NU (1)  SEED (1)  THREADS (2)  VALID_EVERY (25)
 #   EXTRA_ARGS (appended to fairseq-train)
 source "$(dirname "${BASH_SOURCE[0]}")/../run_lib.sh"
 
 env_defaults DATA=data-bin/tinyshakespeare OUT=results/tinyshakespeare MAX_UPDATE=2000 CONTEXT=256 \
-    DPFP_NU=1 SEED=1
+    DPFP_NU=1 SEED=1 VALID_EVERY=25
 ROWS=("$@")
 [[ ${#ROWS[@]} -gt 0 ]] || ROWS=(softmax linear deltanet dpfp_delta)
 need_data "$DATA/dict.txt" "Tiny Shakespeare" prepare-tinyshakespeare.sh
@@ -43,13 +47,16 @@ row_args() {
             "--fwp-gate scalar --fwp-beta-range double --fwp-output-norm rms-gated" ;;
         shortconv) echo "$(row_args deltanet) --fwp-short-conv 4" ;;
         outnorm) echo "$(row_args deltanet) --fwp-output-norm rms-gated" ;;
-        *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta deltanet_gated deltanet_beta2 deltanet_hybrid deltanet_gated_hybrid gated_deltanet shortconv outnorm)" >&2; return 1 ;;
+        # DeltaProduct (Siems et al. 2025); the delta rule has no normaliser z, as it needs
+        deltaproduct2) echo "$(row_args deltanet) --fwp-householder 2" ;;
+        *) echo "error: unknown row $1 (softmax linear deltanet dpfp_delta deltanet_gated deltanet_beta2 deltanet_hybrid deltanet_gated_hybrid gated_deltanet shortconv outnorm deltaproduct2)" >&2; return 1 ;;
     esac
 }
 
-row_ffn() {  # the FFN width: 896 where the output norm's gate projection takes the difference
+row_ffn() {  # the FFN width: smaller where a row's new projections take the difference
     case $1 in
         gated_deltanet | outnorm) echo 896 ;;
+        deltaproduct2) echo 768 ;;
         *) echo 1024 ;;
     esac
 }
@@ -69,7 +76,7 @@ for row in "${ROWS[@]}"; do
     dir="$OUT/$row"
     # shellcheck disable=SC2086
     ROW_FFN=$(row_ffn "$row") train_small_lm "$dir" --task language_modeling $args --decoder-attention-heads 4 \
-        --sample-break-mode none --max-tokens $((CONTEXT * 32))
+        --sample-break-mode none --max-tokens $((CONTEXT * 32)) --validate-interval-updates "$VALID_EVERY"
     ckpt="$dir/checkpoints/checkpoint_last.pt"
     valid=$(ppl "$ckpt" valid "$dir/eval_valid.log")
     test=$(ppl "$ckpt" test "$dir/eval_test.log")
@@ -77,3 +84,4 @@ for row in "${ROWS[@]}"; do
     echo "$line" | tee -a "$OUT/table.md"
 done
 echo "Table: $OUT/table.md"
+python3 examples/language_model/plot_valid_ppl.py "$OUT/valid_ppl.png" "$OUT"
