@@ -314,6 +314,15 @@ def full_and_incremental(model, prev, encoder_out=None):
     return full, torch.cat(steps, dim=1)
 
 
+def lm_full_and_incremental(model, d):
+    """full_and_incremental for an fwp_lm in fp64 (the model is converted in place): two
+    random 11-token continuations of eos."""
+    model.double().eval()
+    prev = torch.cat([torch.full((2, 1), d.eos()), random_tokens(d, 2, 11, torch.Generator().manual_seed(2))], 1)
+    with torch.no_grad():
+        return full_and_incremental(model, prev)
+
+
 def mt_full_and_incremental(model, d, seed=1):
     """full_and_incremental for an fwp_transformer in fp64 (the model is converted in place):
     three random sources (the first left-padded by two) and 8-token targets."""

@@ -15,8 +15,8 @@ fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from fwp_fairseq.modules.gate import decayed_cumsum  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from helpers import (assert_incremental_close, beam_search_matches_rescoring, build,
-                     full_and_incremental, mt_full_and_incremental, random_tokens)  # noqa: E402
+from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, lm_full_and_incremental,
+                     mt_full_and_incremental, random_tokens)  # noqa: E402
 
 GATED_DOUBLE = ["--fwp-gate", "scalar", "--fwp-beta-range", "double", "--fwp-kernel", "identity",
                 "--fwp-l2-normalize", "--fwp-update", "delta"]
@@ -192,10 +192,7 @@ VARIANTS = [GATED_DOUBLE, ["--fwp-gate", "scalar", "--fwp-attn-normalize", "--fw
 def test_incremental_equals_full_lm(flags):
     model, d = build("fwp_lm_tiny", flags)
     _randomise_gates(model)
-    model.double().eval()  # fp64: exactness, not CPU-dependent fp32 round-off
-    prev = torch.cat([torch.full((2, 1), d.eos()), random_tokens(d, 2, 11, torch.Generator().manual_seed(2))], 1)
-    with torch.no_grad():
-        full, inc = full_and_incremental(model, prev)
+    full, inc = lm_full_and_incremental(model, d)  # fp64: exactness, not fp32 round-off
     _close_in_fp64(inc, full, flags)
 
 
