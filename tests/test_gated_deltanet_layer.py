@@ -65,9 +65,34 @@ def test_short_conv_is_causal_depthwise_then_silu_and_continues_from_its_tail():
                                     (x, tail, conv.weight.detach().clone().requires_grad_()))
 
 
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("T", [1, 2, 6])
+@pytest.mark.parametrize("mode", ["causal", "causal+tail", "centred"])
+def test_short_conv_taps_and_gradients_at_every_kernel_and_length(K, T, mode):
+    """The shifted multiply-adds against the taps written out, for sequences shorter and longer
+    than the kernel, and the hand-written backward against gradcheck (input, tail, weight)."""
+    torch.manual_seed(K * 10 + T)
+    conv = ShortConvolution(3, K, causal=mode != "centred").double()
+    x = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, 3, K - 1, dtype=torch.float64, requires_grad=True) if mode == "causal+tail" else None
+    w = conv.weight.detach().clone().requires_grad_()
+    before = (K - 1) // 2 if mode == "centred" else K - 1
+    seq = x if tail is None else torch.cat([tail.permute(2, 0, 1), x])
+    offset = 0 if tail is None else K - 1  # x[t] sits at seq[t + offset]
+    ref = torch.stack([sum(w[:, 0, j] * seq[t + offset + j - before] for j in range(K)
+                           if 0 <= t + offset + j - before < seq.size(0)) for t in range(T)])
+    y, new_tail = _with(conv, w)(x, tail)
+    torch.testing.assert_close(y, F.silu(ref), rtol=1e-12, atol=1e-12)
+    if mode != "centred":
+        whole = seq if seq.size(0) >= K - 1 else torch.cat([seq.new_zeros(K - 1 - seq.size(0), 2, 3), seq])
+        torch.testing.assert_close(new_tail, whole[whole.size(0) - (K - 1):].permute(1, 2, 0))
+    inputs = (x, w) if tail is None else (x, w, tail)
+    assert torch.autograd.gradcheck(lambda x, w, *t: _with(conv, w)(x, *t)[0], inputs)
+
+
 def _with(conv, w):
     """conv with weight w (a leaf of gradcheck's own)."""
-    clone = ShortConvolution(conv.channels, conv.kernel).double()
+    clone = ShortConvolution(conv.channels, conv.kernel, conv.causal).double()
     del clone.weight
     clone.weight = w
     return clone

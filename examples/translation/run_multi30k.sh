@@ -6,7 +6,9 @@
 #   bash data-scripts/prepare-multi30k.sh [--from /path/to/multi30k]   # once
 #   MAX_UPDATE=1800 bash examples/translation/run_multi30k.sh [ROW...]
 #
-# ROWs: softmax linear dpfp delta (default: all four). Environment:
+# ROWs: softmax linear dpfp delta (default: these four), gated_deltanet (the Gated DeltaNet
+# preset in the decoder), gated_deltanet_encconv (the same plus the centred convolution in
+# encoder self-attention). Environment:
 #   DATA (data-bin/multi30k)  OUT (results/multi30k)  MAX_UPDATE (1800)  FFN (512)
 #   DPFP_NU (2)  SEED (1)  THREADS (2)  EXTRA_ARGS (appended to fairseq-train)
 #   GEN_ARGS (appended to fairseq-generate)
@@ -24,15 +26,19 @@ need_data "$DATA/dict.de.txt" Multi30k prepare-multi30k.sh
 
 row_args() {
     case $1 in
-        softmax) echo "--fwp-kernel softmax" ;;
-        linear) echo "--fwp-kernel linear --fwp-update sum" ;;
-        dpfp) echo "--fwp-kernel dpfp --fwp-dpfp-nu $DPFP_NU --fwp-update sum" ;;
+        softmax) echo "--arch fwp_transformer --fwp-kernel softmax" ;;
+        linear) echo "--arch fwp_transformer --fwp-kernel linear --fwp-update sum" ;;
+        dpfp) echo "--arch fwp_transformer --fwp-kernel dpfp --fwp-dpfp-nu $DPFP_NU --fwp-update sum" ;;
         # the delta rule only changes causal (decoder) self-attention
-        delta) echo "--fwp-kernel linear --fwp-update delta" ;;
-        *) echo "error: unknown row $1 (softmax linear dpfp delta)" >&2; return 1 ;;
+        delta) echo "--arch fwp_transformer --fwp-kernel linear --fwp-update delta" ;;
+        gated_deltanet) echo "--arch fwp_transformer_gated_deltanet" ;;
+        gated_deltanet_encconv) echo "--arch fwp_transformer_gated_deltanet --fwp-short-conv-encoder" ;;
+        *) echo "error: unknown row $1 (softmax linear dpfp delta gated_deltanet gated_deltanet_encconv)" >&2
+           return 1 ;;
     esac
 }
 
+for row in "${ROWS[@]}"; do row_args "$row" >/dev/null || exit 2; done  # typos stop before any run
 mkdir -p "$OUT"
 # The reference: the raw (detokenised) English side of test_2016_flickr.
 REF="$OUT/test_2016_flickr.en"
@@ -42,12 +48,10 @@ table_header "$OUT/table.md" "| model | fwp options | params | updates | train t
 for row in "${ROWS[@]}"; do
     args=$(row_args "$row")
     dir="$OUT/$row"
-    mkdir -p "$dir"
-    start=$(date +%s)
     # Same architecture and budget for every row; only the attention differs.
     # shellcheck disable=SC2086
-    fairseq-train "$DATA" --user-dir fwp_fairseq --task translation --source-lang de --target-lang en \
-        --arch fwp_transformer $args \
+    train_row "$dir" "$DATA" --user-dir fwp_fairseq --task translation --source-lang de --target-lang en \
+        $args \
         --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 \
         --encoder-ffn-embed-dim "$FFN" --decoder-ffn-embed-dim "$FFN" \
         --encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings \
@@ -55,12 +59,7 @@ for row in "${ROWS[@]}"; do
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
         --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 \
         --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 400 --warmup-init-lr 1e-07 \
-        --max-tokens 4096 --max-update "$MAX_UPDATE" --seed "$SEED" \
-        --save-dir "$dir/checkpoints" --no-epoch-checkpoints --num-workers 0 \
-        --log-format simple --log-interval 50 ${EXTRA_ARGS:-} \
-        2>&1 | tee "$dir/train.log"
-    secs=$(( $(date +%s) - start ))
-    read -r params updates < <(train_stats "$dir/train.log")
+        --max-tokens 4096 --max-update "$MAX_UPDATE" --seed "$SEED"
 
     fairseq-generate "$DATA" --user-dir fwp_fairseq --task translation --source-lang de --target-lang en \
         --path "$dir/checkpoints/checkpoint_last.pt" --gen-subset test \
@@ -69,7 +68,7 @@ for row in "${ROWS[@]}"; do
     bash "$ROOT/examples/translation/hypotheses.sh" "$dir/generate.out" "$REF" >"$dir/hyp.en"
     if grep -q '<unk>' "$dir/hyp.en"; then echo "warning: <unk> in $row hypotheses" >&2; fi
     bleu=$(python3 -m sacrebleu "$REF" -i "$dir/hyp.en" -b)
-    line="| $row | \`$args\` | $params | $updates | $((secs / 60)) min | $bleu |"
+    line="| $row | \`$args\` | $ROW_PARAMS | $ROW_UPDATES | $ROW_MINUTES min | $bleu |"
     echo "$line" | tee -a "$OUT/table.md"
 done
 echo "Table: $OUT/table.md"

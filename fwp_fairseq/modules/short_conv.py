@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import short_conv_cpu
+
 
 class ShortConvolution(nn.Module):
     """x (T, B, channels), tail (B, channels, K-1) or None -> (silu(conv(x)), new tail)."""
@@ -39,60 +41,120 @@ class ShortConvolution(nn.Module):
     def extra_repr(self):
         return f"channels={self.channels}, kernel={self.kernel}, causal={self.causal}"
 
-    def forward(self, x, tail=None, padding_mask=None):
-        """padding_mask (B, T), True at padding: those inputs count as zero (fla masks them too)."""
+    def forward(self, x, tail=None, padding_mask=None, compiled=None):
+        """padding_mask (B, T), True at padding: those inputs count as zero (fla masks them too).
+        compiled: the CPU kernel of short_conv_cpu.py (None: where it applies; False: the
+        PyTorch path, the reference)."""
+        if compiled is None:
+            compiled = short_conv_cpu.applies(x)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.t()[:, :, None], 0.0)
         K = self.kernel
-        if not self.causal:  # a sentence at once: (K-1)//2 zeros before it, the rest after
+        w = self.weight[:, 0].to(x.dtype)
+        if not self.causal:  # a sentence at once: zeros before and after it
             if tail is not None:
                 raise ValueError("tail: a centred convolution sees the future; it cannot continue a sequence")
-            before = (K - 1) // 2
-            zeros = x.new_zeros(K - 1, x.size(1), self.channels)
-            padded = torch.cat([zeros[:before], x, zeros[before:]], dim=0)
-            return _ConvSiLU.apply(padded, self.weight[:, 0].to(x.dtype)), None
-        if tail is None:
-            head = x.new_zeros(K - 1, x.size(1), self.channels)
+            return _ConvSiLU.apply(x, None, w, (K - 1) // 2, compiled), None
+        head = None if tail is None else tail.permute(2, 0, 1).to(x.dtype)  # (K-1, B, C)
+        y = _ConvSiLU.apply(x, head, w, K - 1, compiled)
+        if K == 1:
+            return y, x.new_zeros(x.size(1), self.channels, 0)
+        T = x.size(0)
+        if T >= K - 1:
+            last = x[T - (K - 1):]
         else:
-            head = tail.permute(2, 0, 1).to(x.dtype)
-        padded = torch.cat([head, x], dim=0)  # (K-1+T, B, C)
-        y = _ConvSiLU.apply(padded, self.weight[:, 0].to(x.dtype))
-        return y, padded[padded.size(0) - (K - 1):].permute(1, 2, 0)
+            last = torch.cat([x.new_zeros(K - 1 - T, x.size(1), self.channels) if head is None
+                              else head[T:], x], dim=0)
+        return y, last.permute(1, 2, 0)
 
 
-def _conv(padded, w, T):
-    """sum_j w[:, j] * padded[j:j+T]: the causal depthwise convolution (T, B, C), computed in x's
-    (T, B, C) layout as K multiply-adds into one buffer (conv1d would need (B, C, T): two
-    transposed copies, which on the CPU cost more than the convolution)."""
-    K = w.size(1)
-    y = padded[K - 1:] * w[:, K - 1]
-    for j in range(K - 1):
-        y.addcmul_(padded[j:j + T], w[:, j])
+def _lags(K, before):
+    """(tap j, lag) pairs: tap j of the kernel reads the input lag = before - j steps back (a
+    negative lag reads ahead); before = K-1 is causal, (K-1)//2 centred."""
+    return [(j, before - j) for j in range(K)]
+
+
+def _conv(x, head, wt, before):
+    """sum_j wt[j] * x[t - lag_j], zeros (or the head's rows, causal only) outside x: the
+    depthwise convolution in x's (T, B, C) layout, as K multiply-adds of shifted slices into
+    one buffer (conv1d would need (B, C, T): two transposed copies, which on the CPU cost more
+    than the convolution). wt (K, C): each tap's weights contiguous."""
+    T = x.size(0)
+    y = None
+    for j, lag in sorted(_lags(wt.size(0), before), key=lambda p: abs(p[1])):
+        n = T - abs(lag)
+        if y is None:  # lag 0 first: it covers every step
+            y = x * wt[j]
+            continue
+        if n > 0:
+            if lag > 0:
+                y[lag:].addcmul_(x[:n], wt[j])
+            else:
+                y[:n].addcmul_(x[-lag:], wt[j])
+        if head is not None and lag > 0:  # steps t < lag read the head's row K-1-lag+t
+            m = min(lag, T)
+            y[:m].addcmul_(head[head.size(0) - lag:head.size(0) - lag + m], wt[j])
     return y
 
 
 class _ConvSiLU(torch.autograd.Function):
-    """silu(_conv(padded, w)) with a hand-written backward: it keeps only padded and the
-    pre-activation, and makes fewer passes over (T, B, C) than autograd through the K products."""
+    """silu(_conv(x, head, w)) with a hand-written backward that allocates only what it
+    returns: on the CPU each fresh (T, B, C) buffer costs as much as a pass over it.
+    compiled: csrc/short_conv_cpu.cpp does the convolution and its backward in one pass each."""
 
     @staticmethod
-    def forward(ctx, padded, w):
-        T = padded.size(0) - w.size(1) + 1
-        y = _conv(padded, w, T)
-        ctx.save_for_backward(padded, w, y)
+    def forward(ctx, x, head, w, before, compiled):
+        wt = w.t().contiguous()
+        if compiled:
+            x = x.contiguous()
+            head_c = head.contiguous() if head is not None else x.new_empty(0)
+            y = short_conv_cpu.extension().forward(x, head_c, wt, before)
+        else:
+            y = _conv(x, head, wt, before)
+        ctx.before, ctx.compiled = before, compiled
+        ctx.save_for_backward(x, head, wt, y)
         return F.silu(y)
 
     @staticmethod
     def backward(ctx, grad):
-        padded, w, y = ctx.saved_tensors
-        K, T = w.size(1), y.size(0)
+        x, head, wt, y = ctx.saved_tensors
+        T = x.size(0)
         gy = torch.ops.aten.silu_backward(grad.contiguous(), y)
-        g_padded = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_padded = padded.new_zeros(padded.shape)
-            for j in range(K):
-                g_padded[j:j + T].addcmul_(gy, w[:, j])
-        if ctx.needs_input_grad[1]:
-            flat = gy.reshape(T, -1, gy.size(-1))
-            g_w = torch.stack([(flat * padded[j:j + T].reshape(flat.shape)).sum((0, 1)) for j in range(K)], 1)
-        return g_padded, g_w
+        if ctx.compiled:
+            need = ctx.needs_input_grad
+            g_x, g_head, g_wt = short_conv_cpu.extension().backward(
+                gy, x, head.contiguous() if head is not None else x.new_empty(0), wt, ctx.before,
+                need[0], need[1] and head is not None, need[2])
+            return (g_x if need[0] else None, g_head if need[1] and head is not None else None,
+                    g_wt.t() if need[2] else None, None, None)
+        g_x = g_head = g_w = None
+        lags = _lags(wt.size(0), ctx.before)
+        if ctx.needs_input_grad[0]:  # the transposed convolution: x[s] fed y[s + lag]
+            g_x = None
+            for j, lag in sorted(lags, key=lambda p: abs(p[1])):
+                n = T - abs(lag)
+                if g_x is None:
+                    g_x = gy * wt[j]
+                elif n > 0:
+                    if lag > 0:
+                        g_x[:n].addcmul_(gy[lag:], wt[j])
+                    else:
+                        g_x[-lag:].addcmul_(gy[:n], wt[j])
+        if head is not None and ctx.needs_input_grad[1]:
+            g_head = torch.zeros_like(head)
+            for j, lag in lags:
+                if lag > 0:
+                    m = min(lag, T)
+                    g_head[head.size(0) - lag:head.size(0) - lag + m].addcmul_(gy[:m], wt[j])
+        if ctx.needs_input_grad[2]:
+            g_wt = wt.new_empty(wt.shape)
+            buf = torch.empty_like(gy)
+            for j, lag in lags:
+                n = T - abs(lag)
+                src, dst = (x[:n], gy[lag:]) if lag >= 0 else (x[-lag:], gy[:n])
+                g_wt[j] = torch.mul(dst, src, out=buf[:max(n, 0)]).sum((0, 1))
+                if head is not None and lag > 0:
+                    m = min(lag, T)
+                    g_wt[j] += (gy[:m] * head[head.size(0) - lag:head.size(0) - lag + m]).sum((0, 1))
+            g_w = g_wt.t()
+        return g_x, g_head, g_w, None, None
