@@ -47,8 +47,9 @@ class FastWeightAttention(CarriesState, nn.Module):
     gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py;
     householder: delta-rule writes per token (DeltaProduct, causal delta rule only): householder.py;
     short_conv (kernel, 0: none), self-attention only (causal, or centred where not causal):
-    short_conv.py, on the keys and values of DeltaProduct's extra writes too; output_norm ("none", "rms", "rms-gated"): output_norm.py (with it, the
-    attention normaliser is off)."""
+    short_conv.py (with householder > 1 the extra writes' keys and values get their own);
+    output_norm ("none", "rms", "rms-gated"): output_norm.py (with it, the attention normaliser
+    is off)."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, feature_map="linear", update="sum",
