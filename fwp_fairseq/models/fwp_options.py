@@ -101,7 +101,8 @@ class FwpFields(FairseqDataclass):
         default=_layer_default("short_conv"),
         metadata={"help": "kernel size K of a causal depthwise convolution over time, then SiLU, on "
                           "each of the q, k, v projections of causal fast-weight self-attention (as "
-                          "in DeltaNet and Gated DeltaNet, Yang et al. 2024, 2025; 4 is usual); 0: off"})
+                          "in DeltaNet and Gated DeltaNet, Yang et al. 2024, 2025; 4 is usual), and with "
+                          "--fwp-householder N on the keys and values of all N writes; 0: off"})
     fwp_output_norm: ChoiceEnum(OUTPUT_NORMS) = field(
         default=_layer_default("output_norm"),
         metadata={"help": "per-head RMS norm (learned scale) of every fast-weight read-out before the "

@@ -47,8 +47,9 @@ class FastWeightAttention(CarriesState, nn.Module):
     gate ("none" / "scalar") and beta_range ("unit" / "double"), causal attention only: gate.py;
     householder: delta-rule writes per token (DeltaProduct, causal delta rule only): householder.py;
     short_conv (kernel, 0: none), self-attention only (causal, or centred where not causal):
-    short_conv.py; output_norm ("none", "rms", "rms-gated"): output_norm.py (with it, the
-    attention normaliser is off)."""
+    short_conv.py (with householder > 1 the extra writes' keys and values get their own);
+    output_norm ("none", "rms", "rms-gated"): output_norm.py (with it, the attention normaliser
+    is off)."""
 
     def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, self_attention=False,
                  encoder_decoder_attention=False, causal=False, feature_map="linear", update="sum",
@@ -98,7 +99,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         # No parameters without the gate: the paper's checkpoints keep their keys.
         self.gate = ScalarGate(embed_dim, num_heads) if gate == "scalar" else None
         # Writes 1..N-1 of DeltaProduct; N = 1: none (no parameters, old checkpoints unchanged).
-        self.extra_writes = ExtraWrites(embed_dim, num_heads, householder) if householder > 1 else None
+        self.extra_writes = ExtraWrites(embed_dim, num_heads, householder, short_conv) if householder > 1 else None
         self.short_conv = ShortConvolution(3 * embed_dim, short_conv, causal) if short_conv else None
         self.output_norm = (OutputNorm(output_norm, embed_dim, num_heads, self.head_dim, eps)
                             if output_norm != "none" else None)
@@ -107,6 +108,7 @@ class FastWeightAttention(CarriesState, nn.Module):
         self.carry_state = False  # set_carry_state
         self._carried = CarriedState()
         self._carried_conv = CarriedState()  # the short convolution's last inputs
+        self._carried_extra_conv = CarriedState()  # those of the extra writes' convolution
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -130,7 +132,7 @@ class FastWeightAttention(CarriesState, nn.Module):
                 + (f", householder={self.num_householder}" if self.num_householder > 1 else ""))
 
     def _carried_states(self):
-        return (self._carried, self._carried_conv)
+        return (self._carried, self._carried_conv, self._carried_extra_conv)
 
     # -- fairseq hooks -------------------------------------------------------------------
     def set_num_updates(self, num_updates):
@@ -151,9 +153,9 @@ class FastWeightAttention(CarriesState, nn.Module):
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         """Beam search: select (and possibly drop) rows of the batch in every cached tensor
-        (the fast weights' state and the short convolution's tail); a memory shared by a
+        (the fast weights' state and the short convolutions' tails); a memory shared by a
         sentence's beams only drops finished sentences (beam_memory.py)."""
-        for name in ("fw_state", "conv_tail"):
+        for name in ("fw_state", "conv_tail", "extra_conv_tail"):
             buffer = self.get_incremental_state(incremental_state, name)
             if buffer:
                 reorder_buffer(buffer, new_order)
@@ -223,20 +225,29 @@ class FastWeightAttention(CarriesState, nn.Module):
         """--fwp-short-conv: the q, k, v projections of x (one product with the three weights
         stacked) through the causal convolution, continuing from the tail that decoding or the
         carried state kept (none: zeros before the start)."""
-        tail = None
-        if incremental_state is not None:
-            tail = (self.get_incremental_state(incremental_state, "conv_tail") or {}).get("tail")
-        elif self.carry_state:
-            tail, _ = self._carried_conv.load(self._carry_slot(), x.size(1))
+        tail = self._conv_tail_in("conv_tail", self._carried_conv, incremental_state, x.size(1))
         projs = (self.q_proj, self.k_proj, self.v_proj)
         qkv = F.linear(x, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
         y, tail = self.short_conv(qkv, tail, key_padding_mask)
-        if incremental_state is not None:
-            self.set_incremental_state(incremental_state, "conv_tail", {"tail": tail})
-        elif self.carry_state:
-            self._carried_conv.store(self._carry_slot(), tail, None)
+        self._conv_tail_out("conv_tail", self._carried_conv, incremental_state, tail)
         q, k, v = y.split(self.embed_dim, dim=-1)
         return q, (k, v)
+
+    def _conv_tail_in(self, name, carried, incremental_state, bsz):
+        """A short convolution's last inputs to continue from: the decoding buffer `name`, the
+        CarriedState `carried`, or None (zeros before the start)."""
+        if incremental_state is not None:
+            return (self.get_incremental_state(incremental_state, name) or {}).get("tail")
+        if self.carry_state:
+            return carried.load(self._carry_slot(), bsz)[0]
+        return None
+
+    def _conv_tail_out(self, name, carried, incremental_state, tail):
+        """Keep a short convolution's new tail where _conv_tail_in will look for it."""
+        if incremental_state is not None:
+            self.set_incremental_state(incremental_state, name, {"tail": tail})
+        elif self.carry_state:
+            carried.store(self._carry_slot(), tail, None)
 
     def _heads(self, x, bsz):
         """(T, B, H*D) -> (B, H, T, D)."""
@@ -310,7 +321,7 @@ class FastWeightAttention(CarriesState, nn.Module):
                 k, beta = self._normalised_delta_inputs(k, beta, z_before)
             beta = beta.to(q.dtype)
         if self.extra_writes is not None:
-            k, v, beta = self._product_writes(query, k, v, beta, key_padding_mask)
+            k, v, beta = self._product_writes(query, k, v, beta, key_padding_mask, incremental_state)
         step = incremental_state is not None and q.size(2) == 1
         out, memory = self._write_read(q, k, v, beta, g, memory, step, keep)
         if keep:
@@ -341,10 +352,16 @@ class FastWeightAttention(CarriesState, nn.Module):
                                            output_final_state=keep, impl=self.impl, **gated)
         return out, (FactoredState(matrix=state) if keep else None)
 
-    def _product_writes(self, query, k, v, beta, key_padding_mask):
+    def _product_writes(self, query, k, v, beta, key_padding_mask, incremental_state):
         """DeltaProduct: the token's first write (k, v, beta (B, H, T, ...)) and writes 1..N-1
-        from extra_writes, interleaved to T*N steps (householder.interleave)."""
-        kp, vp, logits = self.extra_writes(query)
+        from extra_writes (their keys and values convolved with --fwp-short-conv, continuing
+        from the tail kept as the layer's own), interleaved to T*N steps (householder.interleave)."""
+        conv = self.extra_writes.short_conv is not None
+        tail = self._conv_tail_in("extra_conv_tail", self._carried_extra_conv, incremental_state,
+                                  query.size(1)) if conv else None
+        kp, vp, logits, tail = self.extra_writes(query, tail, key_padding_mask)
+        if conv:
+            self._conv_tail_out("extra_conv_tail", self._carried_extra_conv, incremental_state, tail)
         B, H, T, n = logits.shape
         k2 = self._phi(kp.reshape(B, H, T * n, -1)).view(B, H, T, n, -1)
         if key_padding_mask is not None:  # a padded token writes nothing, as its first write
