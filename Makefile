@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q "ve-fairseq==0.12.3" pytest pytest-xdist matplotlib
+	$(PIP) install -q "ve-fairseq==0.12.3" pytest pytest-xdist matplotlib ninja
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 

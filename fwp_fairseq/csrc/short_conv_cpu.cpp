@@ -1,12 +1,12 @@
 // The short depthwise convolution over time of --fwp-short-conv on the CPU (forward and
-// backward), built just in time by fwp_fairseq/modules/short_conv_cpu.py. The Python path in
+// backward), built just in time by fwp_fairseq/modules/cpu_kernels.py. The Python path in
 // short_conv.py is the reference; this one exists because on the CPU each pass over a (T, B, C)
 // tensor costs about what the arithmetic does, and PyTorch's ops need a pass per tap.
 //
 // Layout: x (T, B, C) contiguous, head (K-1, B, C) (the rows before x: a causal convolution's
 // carried tail) or empty, wt (K, C) the taps, tap j reading x[t - lag_j] with
 // lag_j = before - j (before = K-1: causal; (K-1)/2: centred). Rows outside x and head are zero.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 
@@ -83,7 +83,7 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* head
     });
 }
 
-Shape shape_of(const torch::Tensor& x, const torch::Tensor& head, const torch::Tensor& wt, int64_t before) {
+Shape shape_of(const at::Tensor& x, const at::Tensor& head, const at::Tensor& wt, int64_t before) {
     TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && !x.is_cuda(), "short_conv_cpu: x must be a contiguous CPU (T, B, C) tensor");
     TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous() && wt.size(1) == x.size(2) && wt.scalar_type() == x.scalar_type(),
                 "short_conv_cpu: wt must be a contiguous (K, C) tensor of x's dtype");
@@ -98,9 +98,11 @@ Shape shape_of(const torch::Tensor& x, const torch::Tensor& head, const torch::T
     return s;
 }
 
-torch::Tensor short_conv_forward(torch::Tensor x, torch::Tensor head, torch::Tensor wt, int64_t before) {
+}  // namespace
+
+at::Tensor short_conv_forward(at::Tensor x, at::Tensor head, at::Tensor wt, int64_t before) {
     Shape s = shape_of(x, head, wt, before);
-    auto y = torch::empty_like(x);
+    auto y = at::empty_like(x);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "short_conv_forward", [&] {
         forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), s.rows_before ? head.data_ptr<scalar_t>() : nullptr,
                                  wt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), s);
@@ -108,14 +110,14 @@ torch::Tensor short_conv_forward(torch::Tensor x, torch::Tensor head, torch::Ten
     return y;
 }
 
-std::vector<torch::Tensor> short_conv_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor head, torch::Tensor wt,
+std::vector<at::Tensor> short_conv_backward(at::Tensor gy, at::Tensor x, at::Tensor head, at::Tensor wt,
                                                int64_t before, bool need_x, bool need_head, bool need_w) {
     Shape s = shape_of(x, head, wt, before);
     TORCH_CHECK(gy.sizes() == x.sizes() && gy.is_contiguous() && gy.scalar_type() == x.scalar_type(),
                 "short_conv_cpu: gy must be contiguous and shaped and typed as x");
-    auto gx = need_x ? torch::empty_like(x) : torch::Tensor();
-    auto ghead = need_head ? torch::empty_like(head) : torch::Tensor();
-    auto gwt = need_w ? torch::zeros_like(wt) : torch::Tensor();
+    auto gx = need_x ? at::empty_like(x) : at::Tensor();
+    auto ghead = need_head ? at::empty_like(head) : at::Tensor();
+    auto gwt = need_w ? at::zeros_like(wt) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "short_conv_backward", [&] {
         backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                   s.rows_before ? head.data_ptr<scalar_t>() : nullptr, wt.data_ptr<scalar_t>(),
@@ -124,11 +126,4 @@ std::vector<torch::Tensor> short_conv_backward(torch::Tensor gy, torch::Tensor x
                                   need_w ? gwt.data_ptr<scalar_t>() : nullptr, s);
     });
     return {gx, ghead, gwt};
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("forward", &short_conv_forward, "short depthwise convolution over time (pre-activation)");
-    m.def("backward", &short_conv_backward, "its gradients to x, head and the taps");
 }

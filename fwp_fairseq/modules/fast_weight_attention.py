@@ -21,7 +21,6 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -203,10 +202,11 @@ class FastWeightAttention(CarriesState, nn.Module):
             else:
                 out = self._noncausal(q, k, v, incremental_state if static_kv else None,
                                       None if shared is None else self.beam_size)
-            if self.output_norm is not None:
+            if self.output_norm is not None:  # it returns the (T, B, C) layout
                 out = self.output_norm(out, query)
-        out = out.to(qp.dtype).permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
-        return self.out_proj(out), None
+            else:
+                out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
+        return self.out_proj(out.to(qp.dtype)), None
 
     def _check(self, query, key, value, key_padding_mask):
         if query.dim() != 3 or query.size(-1) != self.embed_dim:
@@ -222,15 +222,13 @@ class FastWeightAttention(CarriesState, nn.Module):
                                  f"got {tuple(key_padding_mask.shape)}")
 
     def _convolve(self, x, key_padding_mask, incremental_state):
-        """--fwp-short-conv: the q, k, v projections of x (one product with the three weights
-        stacked) through the causal convolution, continuing from the tail that decoding or the
-        carried state kept (none: zeros before the start)."""
+        """--fwp-short-conv: the q, k, v projections of x through the causal convolution,
+        continuing from the tail that decoding or the carried state kept (none: zeros before the
+        start)."""
         tail = self._conv_tail_in("conv_tail", self._carried_conv, incremental_state, x.size(1))
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = F.linear(x, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
-        y, tail = self.short_conv(qkv, tail, key_padding_mask)
+        (q, k, v), tail = self.short_conv([self.q_proj(x), self.k_proj(x), self.v_proj(x)], tail,
+                                          key_padding_mask)
         self._conv_tail_out("conv_tail", self._carried_conv, incremental_state, tail)
-        q, k, v = y.split(self.embed_dim, dim=-1)
         return q, (k, v)
 
     def _conv_tail_in(self, name, carried, incremental_state, bsz):

@@ -13,7 +13,6 @@ keys and values of all N writes (not the betas). Its tail of K-1 inputs is kept 
 beside the layer's own (decoding: "extra_conv_tail"; the carried state)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .short_conv import ShortConvolution
 
@@ -64,10 +63,7 @@ class ExtraWrites(nn.Module):
         logits = self.beta_proj(x).view(T, B, self.extra, self.num_heads).permute(1, 3, 0, 2)
         if self.short_conv is None:
             return heads(self.k_proj(x)), heads(self.v_proj(x)), logits, None
-        kv = F.linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]),
-                      torch.cat([self.k_proj.bias, self.v_proj.bias]))
-        y, tail = self.short_conv(kv, tail, padding_mask)
-        k, v = y.split(self.k_proj.out_features, dim=-1)
+        (k, v), tail = self.short_conv([self.k_proj(x), self.v_proj(x)], tail, padding_mask)
         return heads(k), heads(v), logits, tail
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -11,13 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .precision import to_accumulation
 
 OUTPUT_NORMS = ("none", "rms", "rms-gated")
 
 
 class OutputNorm(nn.Module):
-    """o (B, H, T, Dv) and the layer input x (T, B, C) -> o normalised (and gated), same shape."""
+    """o (B, H, T, Dv) and the layer input x (T, B, C) -> o normalised (and gated), as
+    (T, B, H*Dv) for the output projection."""
 
     def __init__(self, kind, embed_dim, num_heads, head_dim, eps=1e-5):
         super().__init__()
@@ -30,14 +32,46 @@ class OutputNorm(nn.Module):
     def extra_repr(self):
         return f"kind={self.kind}, eps={self.eps}"
 
-    def forward(self, o, x):
+    def forward(self, o, x, compiled=None):
+        """-> (T, B, H*Dv), o's dtype: the layout of the output projection's input. compiled: the
+        CPU kernel of cpu_kernels.py (None: where it applies; False: the PyTorch path, the
+        reference)."""
+        B, H, T, D = o.shape
         oa = to_accumulation(o)  # the mean of squares in fp32 for half inputs
-        oa = oa * torch.rsqrt(oa.square().mean(-1, keepdim=True) + self.eps) * self.weight.to(oa.dtype)
-        if self.gate_proj is not None:
-            g = self.gate_proj(x)  # (T, B, H*Dv)
-            g = g.view(g.size(0), g.size(1), self.num_heads, -1).permute(1, 2, 0, 3)
-            oa = oa * F.silu(to_accumulation(g))
-        return oa.to(o.dtype)
+        g = None if self.gate_proj is None else to_accumulation(self.gate_proj(x))  # (T, B, H*Dv)
+        w = self.weight.to(oa.dtype)
+        if compiled is None:
+            compiled = cpu_kernels.applies(oa, w, *([] if g is None else [g]))
+        if compiled:
+            return _OutputNormCPU.apply(oa.contiguous(), None if g is None else g.contiguous(), w,
+                                        self.eps).to(o.dtype)
+        oa = oa * torch.rsqrt(oa.square().mean(-1, keepdim=True) + self.eps) * w
+        if g is not None:
+            oa = oa * F.silu(g.view(T, B, H, D).permute(1, 2, 0, 3))
+        return oa.to(o.dtype).permute(2, 0, 1, 3).reshape(T, B, H * D)
+
+
+class _OutputNormCPU(torch.autograd.Function):
+    """csrc/output_norm_cpu.cpp: o (B, H, T, D), g (T, B, H*D) or None, w (D) -> (T, B, H*D).
+    sigmoid(g) comes from PyTorch (vectorised) and is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, o, g, w, eps):
+        none = o.new_empty(0)
+        sg = none if g is None else torch.sigmoid(g)
+        out, r = cpu_kernels.extension().output_norm_forward(o, none if g is None else g, sg, w, eps)
+        ctx.save_for_backward(o, g, sg, w, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        o, g, sg, w, r = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        go, gg, gw = cpu_kernels.extension().output_norm_backward(
+            grad.contiguous(), o, o.new_empty(0) if g is None else g, sg, w, r, need[0],
+            need[1] and g is not None, need[2])
+        return (go if need[0] else None, gg if need[1] and g is not None else None, gw if need[2] else None,
+                None)
 
 
 def check_output_norm(output_norm, attn_normalize, names=None):

@@ -3,8 +3,8 @@ arXiv 2102.11174): a depthwise convolution over time with kernel K, then SiLU, o
 q, k and v projections, as the DeltaNet of Yang et al. (NeurIPS 2024) and Gated DeltaNet (ICLR
 2025) use it (flash-linear-attention's ShortConvolution).
 
-The three projections go through one depthwise convolution over their 3C concatenated channels
-(a depthwise convolution treats each channel alone: the same as three of C channels). Causal:
+The three projections go through one depthwise convolution over their 3C channels (a depthwise
+convolution treats each channel alone: the same as three of C channels), given as three parts. Causal:
 output t sees inputs t-K+1..t. Continuing a sequence needs only the last K-1 inputs (the
 "tail", (B, 3C, K-1), batch first so that beam search reorders it with the decoding state):
 incremental decoding keeps it in the incremental state, the carried state (fwp_stream_lm
@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import short_conv_cpu
+from . import cpu_kernels
 
 
 class ShortConvolution(nn.Module):
-    """x (T, B, channels), tail (B, channels, K-1) or None -> (silu(conv(x)), new tail)."""
+    """x (T, B, channels) (or a list of parts), tail (B, channels, K-1) or None ->
+    (silu(conv(x)), new tail)."""
 
     def __init__(self, channels, kernel, causal=True):
         super().__init__()
@@ -42,29 +43,51 @@ class ShortConvolution(nn.Module):
         return f"channels={self.channels}, kernel={self.kernel}, causal={self.causal}"
 
     def forward(self, x, tail=None, padding_mask=None, compiled=None):
-        """padding_mask (B, T), True at padding: those inputs count as zero (fla masks them too).
-        compiled: the CPU kernel of short_conv_cpu.py (None: where it applies; False: the
-        PyTorch path, the reference)."""
+        """x (T, B, channels), or a list of parts (T, B, c_i), channels = sum c_i in that order:
+        each part then comes back as a tensor of its own (the layer's q, k and v: its heads read
+        those faster than slices of one tensor). padding_mask (B, T), True at padding: those
+        inputs count as zero (fla masks them too). compiled: the CPU kernel of cpu_kernels.py
+        (None: where it applies; False: the PyTorch path, the reference)."""
+        parts = list(x) if isinstance(x, (list, tuple)) else [x]
+        if sum(p.size(-1) for p in parts) != self.channels:
+            raise ValueError(f"short_conv: expected {self.channels} channels in all, got "
+                             f"{[tuple(p.shape) for p in parts]}")
+        B = parts[0].size(1)
+        if tail is not None:
+            if not self.causal:
+                raise ValueError("tail: a centred convolution sees the future; it cannot continue a sequence")
+            if tuple(tail.shape) != (B, self.channels, self.kernel - 1):
+                raise ValueError(f"tail: expected {(B, self.channels, self.kernel - 1)}, got {tuple(tail.shape)}")
         if compiled is None:
-            compiled = short_conv_cpu.applies(x)
+            compiled = all(cpu_kernels.applies(p) for p in parts)
+        outs, tails, start = [], [], 0
+        for part in parts:
+            c = part.size(-1)
+            w = self.weight[start:start + c, 0].to(part.dtype)
+            y, last = self._convolve(part, w, None if tail is None else tail[:, start:start + c],
+                                     padding_mask, compiled)
+            outs.append(y)
+            tails.append(last)
+            start += c
+        new_tail = None if not self.causal else tails[0] if len(tails) == 1 else torch.cat(tails, dim=1)
+        return (outs if isinstance(x, (list, tuple)) else outs[0]), new_tail
+
+    def _convolve(self, x, w, tail, padding_mask, compiled):
+        """One part: (silu(conv(x)), its last K-1 inputs (B, c, K-1), None if centred)."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.t()[:, :, None], 0.0)
         K = self.kernel
-        w = self.weight[:, 0].to(x.dtype)
         if not self.causal:  # a sentence at once: zeros before and after it
-            if tail is not None:
-                raise ValueError("tail: a centred convolution sees the future; it cannot continue a sequence")
             return _ConvSiLU.apply(x, None, w, (K - 1) // 2, compiled), None
-        head = None if tail is None else tail.permute(2, 0, 1).to(x.dtype)  # (K-1, B, C)
+        head = None if tail is None else tail.permute(2, 0, 1).to(x.dtype)  # (K-1, B, c)
         y = _ConvSiLU.apply(x, head, w, K - 1, compiled)
+        T, B, c = x.shape
         if K == 1:
-            return y, x.new_zeros(x.size(1), self.channels, 0)
-        T = x.size(0)
+            return y, x.new_zeros(B, c, 0)
         if T >= K - 1:
             last = x[T - (K - 1):]
         else:
-            last = torch.cat([x.new_zeros(K - 1 - T, x.size(1), self.channels) if head is None
-                              else head[T:], x], dim=0)
+            last = torch.cat([x.new_zeros(K - 1 - T, B, c) if head is None else head[T:], x], dim=0)
         return y, last.permute(1, 2, 0)
 
 
@@ -108,7 +131,7 @@ class _ConvSiLU(torch.autograd.Function):
         if compiled:
             x = x.contiguous()
             head_c = head.contiguous() if head is not None else x.new_empty(0)
-            y = short_conv_cpu.extension().forward(x, head_c, wt, before)
+            y = cpu_kernels.extension().short_conv_forward(x, head_c, wt, before)
         else:
             y = _conv(x, head, wt, before)
         ctx.before, ctx.compiled = before, compiled
@@ -122,7 +145,7 @@ class _ConvSiLU(torch.autograd.Function):
         gy = torch.ops.aten.silu_backward(grad.contiguous(), y)
         if ctx.compiled:
             need = ctx.needs_input_grad
-            g_x, g_head, g_wt = short_conv_cpu.extension().backward(
+            g_x, g_head, g_wt = cpu_kernels.extension().short_conv_backward(
                 gy, x, head.contiguous() if head is not None else x.new_empty(0), wt, ctx.before,
                 need[0], need[1] and head is not None, need[2])
             return (g_x if need[0] else None, g_head if need[1] and head is not None else None,
@@ -151,8 +174,11 @@ class _ConvSiLU(torch.autograd.Function):
             buf = torch.empty_like(gy)
             for j, lag in lags:
                 n = T - abs(lag)
-                src, dst = (x[:n], gy[lag:]) if lag >= 0 else (x[-lag:], gy[:n])
-                g_wt[j] = torch.mul(dst, src, out=buf[:max(n, 0)]).sum((0, 1))
+                if n > 0:  # else tap j reads only the head (or zeros) at these steps
+                    src, dst = (x[:n], gy[lag:]) if lag >= 0 else (x[-lag:], gy[:n])
+                    g_wt[j] = torch.mul(dst, src, out=buf[:n]).sum((0, 1))
+                else:
+                    g_wt[j] = 0
                 if head is not None and lag > 0:
                     m = min(lag, T)
                     g_wt[j] += (gy[:m] * head[head.size(0) - lag:head.size(0) - lag + m]).sum((0, 1))
