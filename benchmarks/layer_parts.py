@@ -3,10 +3,12 @@ decoder layer (fast-weight self-attention, FFN, layer norms; d_model 256, 4 head
 in the Tiny Shakespeare recipe) with the Gated DeltaNet core (identity + L2 q/k, delta rule,
 beta in (0, 2), scalar gate), then the same with --fwp-short-conv 4, with --fwp-output-norm
 rms-gated, and with both (the fwp_lm_gated_deltanet layer). The variants run interleaved in one
-process, each timed reps times; the table gives medians and the ratio to the core layer.
+process, each timed reps times; the table gives medians and the ratio to the core layer. The
+convolution and the norm run their compiled CPU kernels (modules/cpu_kernels.py), or with
+--pytorch-paths the PyTorch paths they fall back to.
 
     python benchmarks/layer_parts.py --threads 1 [--lengths 256 1024] [--batch 4] [--reps 7]
-        [--out results/layer_parts]
+        [--pytorch-paths] [--out results/layer_parts]
 """
 import argparse
 import json
@@ -71,14 +73,21 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--pytorch-paths", action="store_true",
+                    help="the PyTorch paths of the convolution and the norm, not the CPU kernels")
     ap.add_argument("--out", default="results/layer_parts")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
+    from fwp_fairseq.modules import cpu_kernels
+    if args.pytorch_paths:
+        os.environ[cpu_kernels.ENV] = "0"
+    paths = "PyTorch paths" if cpu_kernels.extension() is None else "CPU kernels"
     rows = {T: measure(T, args.batch, args.reps) for T in args.lengths}
     names = list(VARIANTS)
     lines = [f"B={args.batch}, d_model 256, 4 heads, FFN 1024, fp32, forward+backward of one layer, "
-             f"median of {args.reps} (process CPU time, {args.threads} thread(s)), seconds; ratio to the core layer",
+             f"median of {args.reps} (process CPU time, {args.threads} thread(s)), seconds; ratio to the core layer; "
+             f"convolution and norm: {paths}",
              "", "| T | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for T, res in rows.items():
         cells = [f"{res[n]:.4f}" + ("" if n == "core" else f" ({res[n] / res['core']:.2f}x)") for n in names]

@@ -256,3 +256,24 @@ def test_gpu_recipes_runs_every_row_and_collects_the_tables(tmp_path):
                        ("carry_state_deltanet_carry", "| deltanet_carry |")):
         assert f"{name}:" in recipes and line in recipes, name
     assert (out / "recipes.tar.gz").is_file()
+
+
+@pytest.mark.parametrize("row, arch, extra", [
+    ("delta", "fwp_transformer", "--fwp-kernel linear --fwp-update delta"),
+    ("gated_deltanet", "fwp_transformer_gated_deltanet", ""),
+    ("gated_deltanet_encconv", "fwp_transformer_gated_deltanet", "--fwp-short-conv-encoder")])
+def test_multi30k_rows_train_their_architecture(tmp_path, row, arch, extra):
+    """Each row trains one architecture (a preset row its own, once), then is scored and tabled."""
+    p, calls, out = run_recipe(tmp_path, MT_SCRIPT, row)
+    assert p.returncode == 0, p.stderr
+    train, generate = calls
+    assert all(map(flags_once, calls))
+    assert train[0] == "fairseq-train" and f" --arch {arch} {extra}".rstrip() + " " in joined(train)
+    assert generate[0] == "fairseq-generate" and f"{out}/{row}/checkpoints/checkpoint_last.pt" in generate
+    assert f"| {row} | `" in (out / "table.md").read_text()
+
+
+def test_unknown_multi30k_row_stops_before_training(tmp_path):
+    p, calls, _ = run_recipe(tmp_path, MT_SCRIPT, "delta", "gated_deltanett")
+    assert p.returncode == 2 and "unknown row gated_deltanett" in p.stderr
+    assert calls == []

@@ -26,11 +26,11 @@ need_data "$DATA/dict.de.txt" Multi30k prepare-multi30k.sh
 
 row_args() {
     case $1 in
-        softmax) echo "--arch fwp_transformer --fwp-kernel softmax" ;;
-        linear) echo "--arch fwp_transformer --fwp-kernel linear --fwp-update sum" ;;
-        dpfp) echo "--arch fwp_transformer --fwp-kernel dpfp --fwp-dpfp-nu $DPFP_NU --fwp-update sum" ;;
+        softmax) echo "--fwp-kernel softmax" ;;
+        linear) echo "--fwp-kernel linear --fwp-update sum" ;;
+        dpfp) echo "--fwp-kernel dpfp --fwp-dpfp-nu $DPFP_NU --fwp-update sum" ;;
         # the delta rule only changes causal (decoder) self-attention
-        delta) echo "--arch fwp_transformer --fwp-kernel linear --fwp-update delta" ;;
+        delta) echo "--fwp-kernel linear --fwp-update delta" ;;
         gated_deltanet) echo "--arch fwp_transformer_gated_deltanet" ;;
         gated_deltanet_encconv) echo "--arch fwp_transformer_gated_deltanet --fwp-short-conv-encoder" ;;
         *) echo "error: unknown row $1 (softmax linear dpfp delta gated_deltanet gated_deltanet_encconv)" >&2
@@ -50,8 +50,10 @@ for row in "${ROWS[@]}"; do
     dir="$OUT/$row"
     # Same architecture and budget for every row; only the attention differs.
     # shellcheck disable=SC2086
+    arch=(--arch fwp_transformer)  # unless the row names its own (a preset)
+    [[ $args == --arch* ]] && arch=()
     train_row "$dir" "$DATA" --user-dir fwp_fairseq --task translation --source-lang de --target-lang en \
-        $args \
+        "${arch[@]}" $args \
         --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 \
         --encoder-ffn-embed-dim "$FFN" --decoder-ffn-embed-dim "$FFN" \
         --encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings \
