@@ -403,3 +403,39 @@ def assert_no_grad_forward_stores_nothing(fwd, shape, dtype, tol):
         o, ht = fwd(q, k, v, beta, h0)
     assert ht is None
     assert_rel_close(o, delta_rule_reference(*(x.double() for x in (q, k, v, beta, h0)))[0], tol)
+
+
+def assert_padded_batch_matches_alone(model, d, tol):
+    """fwp_transformer (in eval mode): a batch of two sentences, the first left-padded in the
+    source and right-padded in the target as fairseq batches them, gives each sentence the
+    outputs it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    src_a, tgt_a = random_tokens(d, 1, 4, g), random_tokens(d, 1, 3, g)
+    src_b, tgt_b = random_tokens(d, 1, 7, g), random_tokens(d, 1, 6, g)
+    eos, pad = torch.full((1, 1), d.eos()), d.pad()
+    prev_a, prev_b = torch.cat([eos, tgt_a], 1), torch.cat([eos, tgt_b], 1)
+    src = torch.cat([torch.cat([torch.full((1, 3), pad), src_a], 1), src_b])
+    prev = torch.cat([torch.cat([prev_a, torch.full((1, 3), pad)], 1), prev_b])
+    with torch.no_grad():
+        batch = model(src, torch.tensor([4, 7]), prev)[0]
+        alone_a = model(src_a, torch.tensor([4]), prev_a)[0]
+        alone_b = model(src_b, torch.tensor([7]), prev_b)[0]
+    torch.testing.assert_close(batch[0, :4], alone_a[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(batch[1], alone_b[0], atol=tol, rtol=tol)
+
+
+def assert_carried_stream_matches_whole(model, d, tol):
+    """fwp_lm (in eval mode) carried over segments of 7, 1, 2, 9, 7 tokens (as fwp_stream_lm
+    --fwp-carry-state feeds it) scores three streams as one forward pass over all of them, and
+    segment 0 starts the streams again."""
+    tokens = random_tokens(d, 3, 26, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(tokens)[0]
+        model.set_carry_state(True)
+        parts, start = [], 0
+        for i, n in enumerate([7, 1, 2, 9, 7]):
+            parts.append(model(tokens[:, start:start + n], stream_segment=i)[0])
+            start += n
+        again = model(tokens[:, :7], stream_segment=0)[0]
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=tol, atol=tol)
+    torch.testing.assert_close(again, whole[:, :7], rtol=tol, atol=tol)

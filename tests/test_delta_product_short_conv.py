@@ -16,8 +16,9 @@ fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from fwp_fairseq.modules.feature_maps import l2_normalize  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta_product  # noqa: E402
-from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, lm_full_and_incremental,
-                     mt_full_and_incremental, random_tokens)  # noqa: E402
+from helpers import (assert_carried_stream_matches_whole, assert_incremental_close, assert_padded_batch_matches_alone,
+                     beam_search_matches_rescoring, build, lm_full_and_incremental,
+                     mt_full_and_incremental)  # noqa: E402
 
 PRODUCT = ["--fwp-kernel", "identity", "--fwp-l2-normalize", "--fwp-update", "delta",
            "--fwp-beta-range", "double", "--fwp-householder", "2"]
@@ -188,39 +189,13 @@ def test_carried_stream_equals_the_unbroken_stream():
     as one forward pass over all of it does."""
     model, d = build("fwp_lm_tiny", [*GATED_CONV, "--no-token-positional-embeddings"])
     randomise(model)
-    model.double().eval()
-    tokens = random_tokens(d, 3, 26, torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        whole = model(tokens)[0]
-        model.set_carry_state(True)
-        parts, start = [], 0
-        for i, n in enumerate([7, 1, 2, 9, 7]):
-            parts.append(model(tokens[:, start:start + n], stream_segment=i)[0])
-            start += n
-        again = model(tokens[:, :7], stream_segment=0)[0]  # segment 0: the streams start again
-    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=EXACT, atol=EXACT)
-    torch.testing.assert_close(again, whole[:, :7], rtol=EXACT, atol=EXACT)
-
+    assert_carried_stream_matches_whole(model.double().eval(), d, EXACT)
 
 def test_padded_batch_matches_sentence_alone():
     """fwp_transformer: a right-padded target (and left-padded source) as fairseq batches them."""
     model, d = build("fwp_transformer_tiny", GATED_CONV)
     randomise(model)
-    model.double().eval()
-    g = torch.Generator().manual_seed(3)
-    src_a, tgt_a = random_tokens(d, 1, 4, g), random_tokens(d, 1, 3, g)
-    src_b, tgt_b = random_tokens(d, 1, 7, g), random_tokens(d, 1, 6, g)
-    eos, pad = torch.full((1, 1), d.eos()), d.pad()
-    prev_a, prev_b = torch.cat([eos, tgt_a], 1), torch.cat([eos, tgt_b], 1)
-    src = torch.cat([torch.cat([torch.full((1, 3), pad), src_a], 1), src_b])
-    prev = torch.cat([torch.cat([prev_a, torch.full((1, 3), pad)], 1), prev_b])
-    with torch.no_grad():
-        batch = model(src, torch.tensor([4, 7]), prev)[0]
-        alone_a = model(src_a, torch.tensor([4]), prev_a)[0]
-        alone_b = model(src_b, torch.tensor([7]), prev_b)[0]
-    torch.testing.assert_close(batch[0, :4], alone_a[0], atol=EXACT, rtol=EXACT)
-    torch.testing.assert_close(batch[1], alone_b[0], atol=EXACT, rtol=EXACT)
-
+    assert_padded_batch_matches_alone(model.double().eval(), d, EXACT)
 
 # -- checkpoints ------------------------------------------------------------------------------
 

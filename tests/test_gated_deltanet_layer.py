@@ -16,8 +16,9 @@ from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noq
 from fwp_fairseq.modules.feature_maps import l2_normalize  # noqa: E402
 from fwp_fairseq.modules.short_conv import ShortConvolution  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, lm_full_and_incremental,
-                     mt_full_and_incremental, random_tokens)  # noqa: E402
+from helpers import (assert_carried_stream_matches_whole, assert_incremental_close,
+                     beam_search_matches_rescoring, build, lm_full_and_incremental,
+                     mt_full_and_incremental)  # noqa: E402
 
 PRESET = gated_deltanet_flags()
 TINY_LM = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-attention-heads", "4",
@@ -278,18 +279,7 @@ def test_carried_stream_equals_the_unbroken_stream():
     as one forward pass over all of it does."""
     model, d = build("fwp_lm_tiny", [*PRESET, "--no-token-positional-embeddings"])
     randomise(model)
-    model.double().eval()
-    tokens = random_tokens(d, 3, 26, torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        whole = model(tokens)[0]
-        model.set_carry_state(True)
-        parts, start = [], 0
-        for i, n in enumerate([7, 1, 2, 9, 7]):
-            parts.append(model(tokens[:, start:start + n], stream_segment=i)[0])
-            start += n
-        again = model(tokens[:, :7], stream_segment=0)[0]  # segment 0: the streams start again
-    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(again, whole[:, :7], rtol=1e-9, atol=1e-9)
+    assert_carried_stream_matches_whole(model.double().eval(), d, 1e-9)
 
 
 def test_preset_is_its_flags_and_flags_off_add_no_parameters():

@@ -11,7 +11,8 @@ import fwp_fairseq  # noqa: E402
 
 fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
-from helpers import beam_search_matches_rescoring, build, full_and_incremental, lm_full_and_incremental, random_tokens  # noqa: E402
+from helpers import (assert_padded_batch_matches_alone, beam_search_matches_rescoring, build,  # noqa: E402
+                     full_and_incremental, lm_full_and_incremental, random_tokens)
 
 CASES = [(k, u) for k in ("linear", "performer", "dpfp") for u in ("sum", "delta")]
 
@@ -152,22 +153,7 @@ def test_incremental_equals_full_lm(kernel, update, norm):
 @pytest.mark.parametrize("kernel, update", [("linear", "delta"), ("dpfp", "sum"), ("performer", "delta")])
 def test_padded_batch_matches_sentence_alone(kernel, update):
     model, d = build("fwp_transformer_tiny", kernel_args(kernel, update, True))
-    model.double().eval()
-    g = torch.Generator().manual_seed(3)
-    src_a, tgt_a = random_tokens(d, 1, 4, g), random_tokens(d, 1, 3, g)
-    src_b, tgt_b = random_tokens(d, 1, 7, g), random_tokens(d, 1, 6, g)
-    eos = torch.full((1, 1), d.eos())
-    prev_a, prev_b = torch.cat([eos, tgt_a], 1), torch.cat([eos, tgt_b], 1)
-    pad = d.pad()
-    # left-padded source and right-padded target, as fairseq batches them
-    src = torch.cat([torch.cat([torch.full((1, 3), pad), src_a], 1), src_b])
-    prev = torch.cat([torch.cat([prev_a, torch.full((1, 3), pad)], 1), prev_b])
-    with torch.no_grad():
-        batch = model(src, torch.tensor([4, 7]), prev)[0]
-        alone_a = model(src_a, torch.tensor([4]), prev_a)[0]
-        alone_b = model(src_b, torch.tensor([7]), prev_b)[0]
-    torch.testing.assert_close(batch[0, :4], alone_a[0], atol=EXACT, rtol=EXACT)
-    torch.testing.assert_close(batch[1], alone_b[0], atol=EXACT, rtol=EXACT)
+    assert_padded_batch_matches_alone(model.double().eval(), d, EXACT)
 
 
 # -- beam search ------------------------------------------------------------------------------
