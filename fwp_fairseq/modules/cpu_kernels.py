@@ -8,6 +8,7 @@ to the order of the sums), after one warning saying why."""
 import glob
 import os
 import platform
+import shutil
 import sys
 import warnings
 
@@ -33,6 +34,9 @@ def _vector_flags():
 
 def _build(name, flags):
     from torch.utils import cpp_extension
+    bin_dir = os.path.dirname(sys.executable)  # a virtualenv's pip-installed ninja, not yet on PATH
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     if not glob.glob(os.path.join(root, "**", name, name + "*.so"), recursive=True):
         print("fwp_fairseq: building the CPU kernels (short convolution, output norm; once per machine, "
