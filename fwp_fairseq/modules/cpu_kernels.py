@@ -70,3 +70,8 @@ def applies(*tensors):
     dtypes = {t.dtype for t in tensors}
     return (all(t.device.type == "cpu" for t in tensors) and len(dtypes) == 1
             and dtypes <= {torch.float32, torch.float64} and extension() is not None)
+
+
+def or_empty(t, like):
+    """An optional kernel argument: t, or an empty tensor standing for None (pybind passes tensors)."""
+    return like.new_empty(0) if t is None else t

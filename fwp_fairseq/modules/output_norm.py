@@ -57,21 +57,21 @@ class _OutputNormCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o, g, w, eps):
-        none = o.new_empty(0)
-        sg = none if g is None else torch.sigmoid(g)
-        out, r = cpu_kernels.extension().output_norm_forward(o, none if g is None else g, sg, w, eps)
+        sg = None if g is None else torch.sigmoid(g)
+        out, r = cpu_kernels.extension().output_norm_forward(o, cpu_kernels.or_empty(g, o),
+                                                             cpu_kernels.or_empty(sg, o), w, eps)
         ctx.save_for_backward(o, g, sg, w, r)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         o, g, sg, w, r = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need_o, need_g, need_w = ctx.needs_input_grad[:3]
+        need_g = need_g and g is not None
         go, gg, gw = cpu_kernels.extension().output_norm_backward(
-            grad.contiguous(), o, o.new_empty(0) if g is None else g, sg, w, r, need[0],
-            need[1] and g is not None, need[2])
-        return (go if need[0] else None, gg if need[1] and g is not None else None, gw if need[2] else None,
-                None)
+            grad.contiguous(), o, cpu_kernels.or_empty(g, o), cpu_kernels.or_empty(sg, o), w, r, need_o, need_g,
+            need_w)
+        return go if need_o else None, gg if need_g else None, gw if need_w else None, None
 
 
 def check_output_norm(output_norm, attn_normalize, names=None):

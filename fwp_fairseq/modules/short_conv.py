@@ -92,9 +92,25 @@ class ShortConvolution(nn.Module):
 
 
 def _lags(K, before):
-    """(tap j, lag) pairs: tap j of the kernel reads the input lag = before - j steps back (a
-    negative lag reads ahead); before = K-1 is causal, (K-1)//2 centred."""
-    return [(j, before - j) for j in range(K)]
+    """(tap j, lag) pairs, lag 0 first: tap j of the kernel reads the input lag = before - j
+    steps back (a negative lag reads ahead); before = K-1 is causal, (K-1)//2 centred."""
+    return sorted(((j, before - j) for j in range(K)), key=lambda p: abs(p[1]))
+
+
+def _shifted(lag, T):
+    """(output steps, input steps) where y[t] reads x[t - lag] inside x, as slices (None: nowhere)."""
+    n = T - abs(lag)
+    if n <= 0:
+        return None
+    return (slice(lag, T), slice(0, n)) if lag >= 0 else (slice(0, n), slice(-lag, T))
+
+
+def _from_head(head, lag, T):
+    """(m, rows): steps t < m = min(lag, T) read head row K-1-lag+t (causal, lag > 0), else None."""
+    if head is None or lag <= 0:
+        return None
+    m, start = min(lag, T), head.size(0) - lag
+    return m, slice(start, start + m)
 
 
 def _conv(x, head, wt, before):
@@ -103,20 +119,13 @@ def _conv(x, head, wt, before):
     one buffer (conv1d would need (B, C, T): two transposed copies, which on the CPU cost more
     than the convolution). wt (K, C): each tap's weights contiguous."""
     T = x.size(0)
-    y = None
-    for j, lag in sorted(_lags(wt.size(0), before), key=lambda p: abs(p[1])):
-        n = T - abs(lag)
-        if y is None:  # lag 0 first: it covers every step
-            y = x * wt[j]
-            continue
-        if n > 0:
-            if lag > 0:
-                y[lag:].addcmul_(x[:n], wt[j])
-            else:
-                y[:n].addcmul_(x[-lag:], wt[j])
-        if head is not None and lag > 0:  # steps t < lag read the head's row K-1-lag+t
-            m = min(lag, T)
-            y[:m].addcmul_(head[head.size(0) - lag:head.size(0) - lag + m], wt[j])
+    (j0, _), *rest = _lags(wt.size(0), before)
+    y = x * wt[j0]  # lag 0: every step
+    for j, lag in rest:
+        if (shift := _shifted(lag, T)) is not None:
+            y[shift[0]].addcmul_(x[shift[1]], wt[j])
+        if (part := _from_head(head, lag, T)) is not None:
+            y[:part[0]].addcmul_(head[part[1]], wt[j])
     return y
 
 
@@ -129,9 +138,8 @@ class _ConvSiLU(torch.autograd.Function):
     def forward(ctx, x, head, w, before, compiled):
         wt = w.t().contiguous()
         if compiled:
-            x = x.contiguous()
-            head_c = head.contiguous() if head is not None else x.new_empty(0)
-            y = cpu_kernels.extension().short_conv_forward(x, head_c, wt, before)
+            x, head = x.contiguous(), None if head is None else head.contiguous()
+            y = cpu_kernels.extension().short_conv_forward(x, cpu_kernels.or_empty(head, x), wt, before)
         else:
             y = _conv(x, head, wt, before)
         ctx.before, ctx.compiled = before, compiled
@@ -143,44 +151,33 @@ class _ConvSiLU(torch.autograd.Function):
         x, head, wt, y = ctx.saved_tensors
         T = x.size(0)
         gy = torch.ops.aten.silu_backward(grad.contiguous(), y)
+        need_x, need_head, need_w = ctx.needs_input_grad[:3]
+        need_head = need_head and head is not None
         if ctx.compiled:
-            need = ctx.needs_input_grad
             g_x, g_head, g_wt = cpu_kernels.extension().short_conv_backward(
-                gy, x, head.contiguous() if head is not None else x.new_empty(0), wt, ctx.before,
-                need[0], need[1] and head is not None, need[2])
-            return (g_x if need[0] else None, g_head if need[1] and head is not None else None,
-                    g_wt.t() if need[2] else None, None, None)
+                gy, x, cpu_kernels.or_empty(head, x), wt, ctx.before, need_x, need_head, need_w)
+            return (g_x if need_x else None, g_head if need_head else None, g_wt.t() if need_w else None,
+                    None, None)
         g_x = g_head = g_w = None
-        lags = _lags(wt.size(0), ctx.before)
-        if ctx.needs_input_grad[0]:  # the transposed convolution: x[s] fed y[s + lag]
-            g_x = None
-            for j, lag in sorted(lags, key=lambda p: abs(p[1])):
-                n = T - abs(lag)
-                if g_x is None:
-                    g_x = gy * wt[j]
-                elif n > 0:
-                    if lag > 0:
-                        g_x[:n].addcmul_(gy[lag:], wt[j])
-                    else:
-                        g_x[-lag:].addcmul_(gy[:n], wt[j])
-        if head is not None and ctx.needs_input_grad[1]:
+        (j0, _), *rest = lags = _lags(wt.size(0), ctx.before)
+        if need_x:  # the transposed convolution: x[s] fed y[s + lag]
+            g_x = gy * wt[j0]
+            for j, lag in rest:
+                if (shift := _shifted(lag, T)) is not None:
+                    g_x[shift[1]].addcmul_(gy[shift[0]], wt[j])
+        if need_head:
             g_head = torch.zeros_like(head)
-            for j, lag in lags:
-                if lag > 0:
-                    m = min(lag, T)
-                    g_head[head.size(0) - lag:head.size(0) - lag + m].addcmul_(gy[:m], wt[j])
-        if ctx.needs_input_grad[2]:
-            g_wt = wt.new_empty(wt.shape)
+            for j, lag in rest:
+                if (part := _from_head(head, lag, T)) is not None:
+                    g_head[part[1]].addcmul_(gy[:part[0]], wt[j])
+        if need_w:
+            g_wt = wt.new_zeros(wt.shape)
             buf = torch.empty_like(gy)
             for j, lag in lags:
-                n = T - abs(lag)
-                if n > 0:  # else tap j reads only the head (or zeros) at these steps
-                    src, dst = (x[:n], gy[lag:]) if lag >= 0 else (x[-lag:], gy[:n])
-                    g_wt[j] = torch.mul(dst, src, out=buf[:n]).sum((0, 1))
-                else:
-                    g_wt[j] = 0
-                if head is not None and lag > 0:
-                    m = min(lag, T)
-                    g_wt[j] += (gy[:m] * head[head.size(0) - lag:head.size(0) - lag + m]).sum((0, 1))
+                if (shift := _shifted(lag, T)) is not None:  # else tap j reads only the head or zeros
+                    out, inp = gy[shift[0]], x[shift[1]]
+                    g_wt[j] = torch.mul(out, inp, out=buf[:out.size(0)]).sum((0, 1))
+                if (part := _from_head(head, lag, T)) is not None:
+                    g_wt[j] += (gy[:part[0]] * head[part[1]]).sum((0, 1))
             g_w = g_wt.t()
         return g_x, g_head, g_w, None, None
