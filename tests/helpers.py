@@ -204,6 +204,24 @@ def build(arch, extra=(), vocab=VOCAB):
     return models.build_model(cfg.model, t), d
 
 
+def fast_layers(model):
+    """The model's fast-weight attention layers (those softmax attention did not keep)."""
+    from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention
+    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
+
+
+def randomise_new_parts(model_or_layer, seed=0):
+    """Gates start input-independent (w = 0), output-norm scales at 1: give every parameter of
+    the gates, short convolutions and output norms random values (fp64 draws), so that the
+    tests see them act."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model_or_layer.named_parameters():
+        if ".gate." in f".{name}" or "output_norm" in name or "short_conv" in name:
+            with torch.no_grad():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+                        + (1.0 if name.endswith("output_norm.weight") else 0.0))
+
+
 def random_tokens(d, bsz, T, gen):
     return torch.randint(d.nspecial, len(d), (bsz, T), generator=gen)
 

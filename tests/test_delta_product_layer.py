@@ -14,16 +14,12 @@ fwp_fairseq.register()
 from fwp_fairseq.models.fwp_options import fwp_options  # noqa: E402
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta_product  # noqa: E402
-from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, lm_full_and_incremental,
-                     mt_full_and_incremental, random_tokens)  # noqa: E402
+from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, fast_layers,
+                     lm_full_and_incremental, mt_full_and_incremental)  # noqa: E402
 
 PRODUCT = ["--fwp-kernel", "identity", "--fwp-l2-normalize", "--fwp-update", "delta",
            "--fwp-beta-range", "double", "--fwp-householder", "2"]
 GATED = PRODUCT + ["--fwp-gate", "scalar"]
-
-
-def fast_layers(model):
-    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
 
 
 def _randomise_gates(model):

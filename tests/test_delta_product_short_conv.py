@@ -18,7 +18,7 @@ from fwp_fairseq.modules.feature_maps import l2_normalize  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta_product  # noqa: E402
 from helpers import (assert_carried_stream_matches_whole, assert_incremental_close, assert_padded_batch_matches_alone,
                      beam_search_matches_rescoring, build, lm_full_and_incremental,
-                     mt_full_and_incremental)  # noqa: E402
+                     mt_full_and_incremental, randomise_new_parts)  # noqa: E402
 
 PRODUCT = ["--fwp-kernel", "identity", "--fwp-l2-normalize", "--fwp-update", "delta",
            "--fwp-beta-range", "double", "--fwp-householder", "2"]
@@ -27,26 +27,12 @@ GATED_CONV = PRODUCT_CONV + ["--fwp-gate", "scalar"]
 EXACT = 1e-9
 
 
-def fast_layers(model):
-    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
-
-
-def randomise(module, seed=0):
-    """Gates start input-independent (w = 0): random gates and convolution weights, so that the
-    tests see every part act."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if ".gate." in f".{name}" or "short_conv" in name:
-            with torch.no_grad():
-                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-
-
 def layer(n=2, gate="none", conv=4, impl="chunked"):
     torch.manual_seed(0)
     att = FastWeightAttention(16, 2, self_attention=True, causal=True, feature_map="identity", update="delta",
                               l2_norm=True, beta_range="double", gate=gate, householder=n, short_conv=conv,
                               impl=impl).double().eval()
-    randomise(att)
+    randomise_new_parts(att)
     return att
 
 
@@ -161,7 +147,7 @@ def test_left_padded_sentence_equals_the_sentence_alone():
 @pytest.mark.parametrize("flags", [PRODUCT_CONV, GATED_CONV, [*GATED_CONV, "--fwp-softmax-layers", "0"]])
 def test_incremental_equals_full_lm(flags):
     model, d = build("fwp_lm_tiny", flags)
-    randomise(model)
+    randomise_new_parts(model)
     full, inc = lm_full_and_incremental(model, d)  # fp64: exactness, not fp32 round-off
     assert_incremental_close(inc, full, hybrid="--fwp-softmax-layers" in flags)
 
@@ -169,7 +155,7 @@ def test_incremental_equals_full_lm(flags):
 @pytest.mark.parametrize("flags", [PRODUCT_CONV, GATED_CONV])
 def test_incremental_equals_full_mt(flags):
     model, d = build("fwp_transformer_tiny", flags)
-    randomise(model)
+    randomise_new_parts(model)
     full, inc = mt_full_and_incremental(model, d)
     assert_incremental_close(inc, full)
 
@@ -179,7 +165,7 @@ def test_incremental_equals_full_mt(flags):
 def test_beam_scores_match_rescoring(arch, flags):
     """Beam search reorders the extra writes' tails with the layer's tails and states."""
     model, d = build(arch, flags)
-    randomise(model)
+    randomise_new_parts(model)
     model.double().eval()
     beam_search_matches_rescoring(model, d, "lm" in arch, beam_size=3, max_len_b=7)
 
@@ -188,13 +174,13 @@ def test_carried_stream_equals_the_unbroken_stream():
     """fwp_lm carried over segments (as fwp_stream_lm --fwp-carry-state feeds it) scores a stream
     as one forward pass over all of it does."""
     model, d = build("fwp_lm_tiny", [*GATED_CONV, "--no-token-positional-embeddings"])
-    randomise(model)
+    randomise_new_parts(model)
     assert_carried_stream_matches_whole(model.double().eval(), d, EXACT)
 
 def test_padded_batch_matches_sentence_alone():
     """fwp_transformer: a right-padded target (and left-padded source) as fairseq batches them."""
     model, d = build("fwp_transformer_tiny", GATED_CONV)
-    randomise(model)
+    randomise_new_parts(model)
     assert_padded_batch_matches_alone(model.double().eval(), d, EXACT)
 
 # -- checkpoints ------------------------------------------------------------------------------

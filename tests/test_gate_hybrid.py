@@ -15,15 +15,11 @@ fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from fwp_fairseq.modules.gate import decayed_cumsum  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
-from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, lm_full_and_incremental,
-                     mt_full_and_incremental, random_tokens)  # noqa: E402
+from helpers import (assert_incremental_close, beam_search_matches_rescoring, build, fast_layers,
+                     lm_full_and_incremental, mt_full_and_incremental)  # noqa: E402
 
 GATED_DOUBLE = ["--fwp-gate", "scalar", "--fwp-beta-range", "double", "--fwp-kernel", "identity",
                 "--fwp-l2-normalize", "--fwp-update", "delta"]
-
-
-def fast_layers(model):
-    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
 
 
 def _randomise_gate(att, seed=0):

@@ -17,8 +17,8 @@ from fwp_fairseq.modules.feature_maps import l2_normalize  # noqa: E402
 from fwp_fairseq.modules.short_conv import ShortConvolution  # noqa: E402
 from fwp_fairseq.ops import fast_weight_delta, fast_weight_sum  # noqa: E402
 from helpers import (assert_carried_stream_matches_whole, assert_incremental_close,
-                     beam_search_matches_rescoring, build, lm_full_and_incremental,
-                     mt_full_and_incremental)  # noqa: E402
+                     beam_search_matches_rescoring, build, fast_layers, lm_full_and_incremental,
+                     mt_full_and_incremental, randomise_new_parts)  # noqa: E402
 
 PRESET = gated_deltanet_flags()
 TINY_LM = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-attention-heads", "4",
@@ -27,20 +27,6 @@ TINY_MT = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--enco
            "--encoder-attention-heads", "4", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
            "--decoder-layers", "2", "--decoder-attention-heads", "4"]
 L2_DELTA = ["--fwp-kernel", "identity", "--fwp-l2-normalize", "--fwp-update", "delta"]
-
-
-def fast_layers(model):
-    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
-
-
-def randomise(model_or_layer, seed=0):
-    """Gates start input-independent and output-norm scales at 1: give every parameter of the
-    new parts random values, so that the tests see them act."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model_or_layer.named_parameters():
-        if ".gate." in f".{name}" or "output_norm" in name or "short_conv" in name:
-            with torch.no_grad():
-                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64) + (1.0 if name.endswith("output_norm.weight") else 0.0))
 
 
 # -- the parts ------------------------------------------------------------------------------
@@ -109,7 +95,7 @@ def test_centred_conv_for_the_encoder_ignores_padding():
     ref = torch.stack([sum(w[:, j] * x[t + j - 1] for j in range(4) if 0 <= t + j - 1 < 9) for t in range(9)])
     torch.testing.assert_close(conv(x)[0], F.silu(ref), rtol=1e-12, atol=1e-12)
     att = FastWeightAttention(16, 2, self_attention=True, short_conv=4, output_norm="rms").double().eval()
-    randomise(att)
+    randomise_new_parts(att)
     alone = torch.randn(5, 1, 16, dtype=torch.float64)
     padded = torch.cat([torch.randn(3, 1, 16, dtype=torch.float64), alone])
     mask = torch.tensor([[True] * 3 + [False] * 5])
@@ -157,7 +143,7 @@ def test_layer_equals_the_reference(fmap, update, conv, norm, gate, impl):
     att = FastWeightAttention(16, 2, self_attention=True, causal=True, feature_map=fmap, update=update,
                               l2_norm=True, gate=gate, beta_range="double" if update == "delta" else "unit",
                               short_conv=conv, output_norm=norm, impl=impl).double().eval()
-    randomise(att)
+    randomise_new_parts(att)
     x = torch.randn(37, 3, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(att(x, x, x)[0], _layer_by_hand(att, x), rtol=1e-9, atol=1e-9)
@@ -200,7 +186,7 @@ def test_layer_errors():
 def test_layer_carry_equals_one_long_segment(flags):
     model, _ = build("fwp_lm_tiny", flags)
     att = fast_layers(model)[0].double().eval()
-    randomise(att)
+    randomise_new_parts(att)
     x = torch.randn(23, 3, att.embed_dim, dtype=torch.float64)
     with torch.no_grad():
         whole, _ = att(x, x, x)
@@ -227,7 +213,7 @@ def test_reset_carried_rows_restarts_the_convolution_too():
     torch.manual_seed(0)
     att = FastWeightAttention(16, 2, self_attention=True, causal=True, feature_map="identity", l2_norm=True,
                               update="delta", short_conv=4).double().eval()
-    randomise(att)
+    randomise_new_parts(att)
     x = torch.randn(10, 2, 16, dtype=torch.float64)
     att.set_carry_state(True)
     with torch.no_grad():
@@ -251,14 +237,14 @@ LM_VARIANTS = [["--fwp-short-conv", "4", *L2_DELTA], ["--fwp-output-norm", "rms"
 @pytest.mark.parametrize("flags", LM_VARIANTS)
 def test_incremental_equals_full_lm(flags):
     model, d = build("fwp_lm_tiny", flags)
-    randomise(model)
+    randomise_new_parts(model)
     full, inc = lm_full_and_incremental(model, d)  # fp64: exactness, not fp32 round-off
     assert_incremental_close(inc, full, hybrid="--fwp-softmax-layers" in flags)
 
 
 def test_incremental_equals_full_mt_preset():
     model, d = build("fwp_transformer_gated_deltanet", TINY_MT)
-    randomise(model)
+    randomise_new_parts(model)
     full, inc = mt_full_and_incremental(model, d)
     assert_incremental_close(inc, full)
 
@@ -269,7 +255,7 @@ def test_preset_beam_scores_match_rescoring(arch, sizes):
     """Beam search reorders the convolution tails with the fast-weight states (and, in the
     hybrid, a softmax layer's key/value cache)."""
     model, d = build(arch, [*sizes, "--fwp-softmax-layers", "1"])
-    randomise(model)
+    randomise_new_parts(model)
     model.double().eval()
     beam_search_matches_rescoring(model, d, "lm" in arch, beam_size=3, max_len_b=7)
 
@@ -278,7 +264,7 @@ def test_carried_stream_equals_the_unbroken_stream():
     """fwp_lm with the preset, carried over segments (as fwp_stream_lm feeds it), scores a stream
     as one forward pass over all of it does."""
     model, d = build("fwp_lm_tiny", [*PRESET, "--no-token-positional-embeddings"])
-    randomise(model)
+    randomise_new_parts(model)
     assert_carried_stream_matches_whole(model.double().eval(), d, 1e-9)
 
 

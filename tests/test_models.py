@@ -12,13 +12,9 @@ import fwp_fairseq  # noqa: E402
 fwp_fairseq.register()
 from fwp_fairseq.modules.fast_weight_attention import FastWeightAttention  # noqa: E402
 from helpers import (assert_padded_batch_matches_alone, beam_search_matches_rescoring, build,  # noqa: E402
-                     full_and_incremental, lm_full_and_incremental, random_tokens)
+                     fast_layers, full_and_incremental, lm_full_and_incremental, random_tokens)
 
 CASES = [(k, u) for k in ("linear", "performer", "dpfp") for u in ("sum", "delta")]
-
-
-def fast_layers(model):
-    return [m for m in model.modules() if isinstance(m, FastWeightAttention)]
 
 
 # Exactness checks run the model in fp64: two computations of the same function (incremental vs

@@ -8,13 +8,13 @@ to the order of the sums), after one warning saying why."""
 import glob
 import os
 import platform
-import shutil
 import sys
 import warnings
 
 import torch
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+from ..ops.jit_build import CSRC, put_venv_ninja_on_path
+
 SOURCES = [os.path.join(CSRC, f) for f in ("cpu_binding.cpp", "short_conv_cpu.cpp", "output_norm_cpu.cpp")]
 ENV = "FWP_FAIRSEQ_CPU_KERNELS"
 _state = {}
@@ -34,9 +34,7 @@ def _vector_flags():
 
 def _build(name, flags):
     from torch.utils import cpp_extension
-    bin_dir = os.path.dirname(sys.executable)  # a virtualenv's pip-installed ninja, not yet on PATH
-    if shutil.which("ninja") is None and shutil.which("ninja", path=bin_dir):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    put_venv_ninja_on_path()
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     if not glob.glob(os.path.join(root, "**", name, name + "*.so"), recursive=True):
         print("fwp_fairseq: building the CPU kernels (short convolution, output norm; once per machine, "

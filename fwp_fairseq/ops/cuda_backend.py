@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._checks import accumulation_dtype
+from .jit_build import CSRC, put_venv_ninja_on_path
 
 MAX_DK = 512
 MAX_DV = 256
 CK_EVERY = 128  # the backward restarts from an exact stored state every CK_EVERY steps
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 SOURCES = ("binding.cpp", "recurrence_fwd.cu", "state_grad.cu", "qk_grad.cu", "chunk_fwd.cu",
            "chunk_bwd.cu")
 EXT_NAME = "fwp_fairseq_cuda"
@@ -49,6 +49,7 @@ def _build():
 
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("no CUDA toolkit found (nvcc; set CUDA_HOME)")
+    put_venv_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
     return cpp_extension.load(
